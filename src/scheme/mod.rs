@@ -1,0 +1,6 @@
+//! Scheme selection and signing: which TLS signature schemes a token can serve for a key, and
+//! how one signature is made, encoded and checked.
+
+mod plan;
+
+pub use plan::{all_schemes, is_pkcs1, scheme_name, HashAlg, Method, SchemeEntry, SchemePlan};
