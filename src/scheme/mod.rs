@@ -2,5 +2,9 @@
 //! how one signature is made, encoded and checked.
 
 mod plan;
+mod sign;
+mod verify;
 
 pub use plan::{all_schemes, is_pkcs1, scheme_name, HashAlg, Method, SchemeEntry, SchemePlan};
+pub use sign::{sign_message, SignError};
+pub use verify::{verify_signature, PublicKeyVerifier, VerifyError};

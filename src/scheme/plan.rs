@@ -150,9 +150,12 @@ impl SchemePlan {
 
     /// The usable schemes, in order of preference.
     pub fn usable(&self) -> impl Iterator<Item = (SignatureScheme, Method)> + '_ {
-        self.entries
-            .iter()
-            .filter_map(|e| e.plan.as_ref().ok().map(|m| (e.scheme, *m)))
+        self.entries.iter().filter_map(|e| {
+            e.plan
+                .as_ref()
+                .ok()
+                .map(|m| (e.scheme, *m))
+        })
     }
 
     /// The method for `scheme`, if usable.
@@ -171,8 +174,7 @@ impl SchemePlan {
     /// True when at least one scheme usable in TLS 1.3 is served (TLS 1.3 forbids PKCS#1 v1.5
     /// signatures in the handshake).
     pub fn serves_tls13(&self) -> bool {
-        self.usable()
-            .any(|(s, _)| !is_pkcs1(s))
+        self.usable().any(|(s, _)| !is_pkcs1(s))
     }
 
     /// Why TLS 1.3 cannot be served: the TLS 1.3 schemes and why each is missing.
@@ -238,14 +240,24 @@ pub fn scheme_name(scheme: SignatureScheme) -> String {
 fn candidates(kind: KeyKind) -> Vec<(SignatureScheme, Vec<Method>)> {
     use HashAlg::{Sha256, Sha384, Sha512};
 
-    let ecdsa = |scheme, h| (scheme, vec![Method::EcdsaHashing(h), Method::EcdsaDigest(h)]);
+    let ecdsa = |scheme, h| {
+        (
+            scheme,
+            vec![Method::EcdsaHashing(h), Method::EcdsaDigest(h)],
+        )
+    };
     match kind {
         KeyKind::Ec(Curve::P256) => vec![ecdsa(SignatureScheme::ECDSA_NISTP256_SHA256, Sha256)],
         KeyKind::Ec(Curve::P384) => vec![ecdsa(SignatureScheme::ECDSA_NISTP384_SHA384, Sha384)],
         KeyKind::Ec(Curve::P521) => vec![ecdsa(SignatureScheme::ECDSA_NISTP521_SHA512, Sha512)],
         KeyKind::Ed25519 => vec![(SignatureScheme::ED25519, vec![Method::Ed25519])],
         KeyKind::Rsa(_) => {
-            let pss = |scheme, h| (scheme, vec![Method::RsaPssHashing(h), Method::RsaPssDigest(h)]);
+            let pss = |scheme, h| {
+                (
+                    scheme,
+                    vec![Method::RsaPssHashing(h), Method::RsaPssDigest(h)],
+                )
+            };
             let pkcs1 = |scheme, h| {
                 (
                     scheme,
