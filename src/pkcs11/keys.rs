@@ -68,7 +68,9 @@ impl FromStr for KeySelector {
             let uri: Pkcs11Uri = s.parse()?;
             if let Some(kind) = uri.object_type.as_deref() {
                 if !matches!(kind, "private" | "public" | "cert") {
-                    return Err(bad("type= must be private, public or cert for a signing key"));
+                    return Err(bad(
+                        "type= must be private, public or cert for a signing key",
+                    ));
                 }
             }
             Self {
@@ -82,10 +84,18 @@ impl FromStr for KeySelector {
         } else {
             Self::label(s.strip_prefix("label:").unwrap_or(s))
         };
-        if selector.label.as_deref().is_none_or(str::is_empty)
-            && selector.id.as_deref().is_none_or(<[u8]>::is_empty)
+        if selector
+            .label
+            .as_deref()
+            .is_none_or(str::is_empty)
+            && selector
+                .id
+                .as_deref()
+                .is_none_or(<[u8]>::is_empty)
         {
-            return Err(bad("name a key by label, id:HEX or a URI with object= or id="));
+            return Err(bad(
+                "name a key by label, id:HEX or a URI with object= or id=",
+            ));
         }
         Ok(selector)
     }
@@ -519,8 +529,8 @@ fn spki_from_certificate(session: &Session, id: &[u8]) -> Option<Vec<u8>> {
     spki_of_certificate(&value)
 }
 
-/// The DER SubjectPublicKeyInfo inside a DER certificate.
-pub(crate) fn spki_of_certificate(cert_der: &[u8]) -> Option<Vec<u8>> {
+/// The DER SubjectPublicKeyInfo inside a DER certificate, if it parses.
+pub fn spki_of_certificate(cert_der: &[u8]) -> Option<Vec<u8>> {
     use der::Encode;
 
     let cert = x509_cert::Certificate::from_der(cert_der).ok()?;
@@ -559,7 +569,9 @@ impl PublicParts {
         match self.key_type {
             Some(t) if t == KeyType::RSA => {
                 let (Some(n), Some(e)) = (self.modulus, self.exponent) else {
-                    return Err(bad("RSA key without CKA_MODULUS or CKA_PUBLIC_EXPONENT".into()));
+                    return Err(bad(
+                        "RSA key without CKA_MODULUS or CKA_PUBLIC_EXPONENT".into()
+                    ));
                 };
                 rsa_spki(&n, &e).map_err(bad)
             }
@@ -675,7 +687,9 @@ pub(crate) fn kind_of_spki(spki: &[u8]) -> Option<KeyKind> {
     }
     if alg == const_oid::db::rfc5912::ID_EC_PUBLIC_KEY {
         let params = info.algorithm.parameters?;
-        let oid = params.decode_as::<ObjectIdentifier>().ok()?;
+        let oid = params
+            .decode_as::<ObjectIdentifier>()
+            .ok()?;
         return Curve::from_oid(oid).map(KeyKind::Ec);
     }
     None
@@ -692,7 +706,9 @@ mod tests {
             KeySelector::label("tls")
         );
         assert_eq!(
-            "id:01ff".parse::<KeySelector>().unwrap(),
+            "id:01ff"
+                .parse::<KeySelector>()
+                .unwrap(),
             KeySelector::id(vec![1, 0xff])
         );
         let uri: KeySelector = "pkcs11:token=t;object=a%20b;id=%01;type=private"
@@ -701,7 +717,9 @@ mod tests {
         assert_eq!(uri.label.as_deref(), Some("a b"));
         assert_eq!(uri.id.as_deref(), Some(&[1][..]));
         assert!("id:zz".parse::<KeySelector>().is_err());
-        assert!("pkcs11:token=t".parse::<KeySelector>().is_err());
+        assert!("pkcs11:token=t"
+            .parse::<KeySelector>()
+            .is_err());
         assert!("pkcs11:object=a;type=secret-key"
             .parse::<KeySelector>()
             .is_err());

@@ -1,0 +1,103 @@
+//! PKCS#11 sessions as r2d2 connections.
+//!
+//! A session that returned a session-level error is marked broken and dropped by the pool,
+//! never reused; on checkout a session is checked with `C_GetSessionInfo`.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+
+use crate::pkcs11::{rv_of, rv_text, Module};
+
+/// Opens read-write sessions on one slot.
+#[derive(Debug)]
+pub(crate) struct SessionManager {
+    pub(crate) module: Module,
+    pub(crate) slot: Slot,
+    /// Set when the token said it has no more sessions to give.
+    pub(crate) session_count_hit: Arc<AtomicBool>,
+}
+
+/// A pooled session with a flag the signer sets when the session must not be reused.
+#[derive(Debug)]
+pub(crate) struct PooledSession {
+    session: Session,
+    broken: bool,
+}
+
+impl PooledSession {
+    /// Marks the session for dropping when it returns to the pool.
+    pub(crate) fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl Deref for PooledSession {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl DerefMut for PooledSession {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+}
+
+/// A cryptoki error as r2d2 needs it (`std::error::Error + 'static`).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", rv_text(.0))]
+pub(crate) struct SessionError(pub(crate) CkError);
+
+impl r2d2::ManageConnection for SessionManager {
+    type Connection = PooledSession;
+    type Error = SessionError;
+
+    fn connect(&self) -> Result<PooledSession, SessionError> {
+        match self
+            .module
+            .context()
+            .open_rw_session(self.slot)
+        {
+            Ok(session) => Ok(PooledSession {
+                session,
+                broken: false,
+            }),
+            Err(e) => {
+                if rv_of(&e) == Some(RvError::SessionCount) {
+                    self.session_count_hit
+                        .store(true, Ordering::Release);
+                }
+                Err(SessionError(e))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut PooledSession) -> Result<(), SessionError> {
+        conn.session
+            .get_session_info()
+            .map(drop)
+            .map_err(SessionError)
+    }
+
+    fn has_broken(&self, conn: &mut PooledSession) -> bool {
+        conn.broken
+    }
+}
+
+/// Logs r2d2's background connection errors through tracing, at debug: the signing path
+/// reports the faults that matter.
+#[derive(Debug)]
+pub(crate) struct TracingErrorHandler;
+
+impl r2d2::HandleError<SessionError> for TracingErrorHandler {
+    fn handle_error(&self, error: SessionError) {
+        tracing::debug!(error = %error, "opening a pooled session failed");
+    }
+}
