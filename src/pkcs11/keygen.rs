@@ -89,47 +89,30 @@ pub fn generate_key_pair(
     id: Option<Vec<u8>>,
     policy: BackupPolicy,
 ) -> Result<KeyObject, Error> {
-    refuse_duplicates(session, token_label, label, id.as_deref())?;
-    let id = match id {
-        Some(id) => id,
-        None => session
-            .generate_random_vec(16)
-            .map_err(Error::pkcs11("draw a random CKA_ID"))?,
-    };
-    let (mechanism, public_params) = match spec.0 {
-        KeyKind::Ec(curve) => (
-            Mechanism::EccKeyPairGen,
-            vec![Attribute::EcParams(oid_der(curve.oid())?)],
-        ),
-        KeyKind::Ed25519 => (
-            Mechanism::EccEdwardsKeyPairGen,
-            vec![Attribute::EcParams(oid_der(
-                const_oid::db::rfc8410::ID_ED_25519,
-            )?)],
-        ),
-        KeyKind::Rsa(bits) => (
-            Mechanism::RsaPkcsKeyPairGen,
-            vec![
-                Attribute::ModulusBits((bits as u64).into()),
-                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
-            ],
-        ),
-    };
-    let mut public = public_template(label, &id);
-    public.extend(public_params);
-    let private = private_template(label, &id, policy);
-    let (public_handle, private_handle) = session
-        .generate_key_pair(&mechanism, &public, &private)
-        .map_err(Error::pkcs11("generate key pair (C_GenerateKeyPair)"))?;
+    generate(session, token_label, label, spec, id, policy, true)
+}
 
-    let checked = read_key(session, private_handle).and_then(|key| {
-        check_generated(&key, policy)?;
-        Ok(key)
-    });
-    if checked.is_err() {
-        destroy_pair(session, private_handle, Some(public_handle));
-    }
-    checked
+/// Generates a throwaway key pair as session objects (`CKA_TOKEN=false`).
+///
+/// The pair is checked like [`generate_key_pair`]'s and disappears when the session closes;
+/// destroy it earlier with [`super::destroy_key`]. Tokens without session objects (tpm2-pkcs11)
+/// fail in `C_GenerateKeyPair`; callers may fall back to [`generate_key_pair`] and destroy the
+/// pair afterwards.
+pub fn generate_session_key_pair(
+    session: &Session,
+    token_label: &str,
+    label: &str,
+    spec: KeySpec,
+) -> Result<KeyObject, Error> {
+    generate(
+        session,
+        token_label,
+        label,
+        spec,
+        None,
+        BackupPolicy::None,
+        false,
+    )
 }
 
 /// Imports a PEM private key (PKCS#8, SEC1 or PKCS#1) as a sensitive, non-extractable key with
@@ -152,8 +135,8 @@ pub fn import_private_key(
             .map_err(Error::pkcs11("draw a random CKA_ID"))?,
     };
     let material = KeyMaterial::from_pem(pem)?;
-    let mut public = public_template(label, &id);
-    let mut private = private_template(label, &id, BackupPolicy::None);
+    let mut public = public_template(label, &id, true);
+    let mut private = private_template(label, &id, BackupPolicy::None, true);
     material.fill(&mut public, &mut private)?;
 
     let created = session
@@ -183,6 +166,58 @@ pub fn import_private_key(
     checked
 }
 
+fn generate(
+    session: &Session,
+    token_label: &str,
+    label: &str,
+    spec: KeySpec,
+    id: Option<Vec<u8>>,
+    policy: BackupPolicy,
+    on_token: bool,
+) -> Result<KeyObject, Error> {
+    refuse_duplicates(session, token_label, label, id.as_deref())?;
+    let id = match id {
+        Some(id) => id,
+        None => session
+            .generate_random_vec(16)
+            .map_err(Error::pkcs11("draw a random CKA_ID"))?,
+    };
+    let (mechanism, public_params) = match spec.0 {
+        KeyKind::Ec(curve) => (
+            Mechanism::EccKeyPairGen,
+            vec![Attribute::EcParams(oid_der(curve.oid())?)],
+        ),
+        KeyKind::Ed25519 => (
+            Mechanism::EccEdwardsKeyPairGen,
+            vec![Attribute::EcParams(oid_der(
+                const_oid::db::rfc8410::ID_ED_25519,
+            )?)],
+        ),
+        KeyKind::Rsa(bits) => (
+            Mechanism::RsaPkcsKeyPairGen,
+            vec![
+                Attribute::ModulusBits((bits as u64).into()),
+                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            ],
+        ),
+    };
+    let mut public = public_template(label, &id, on_token);
+    public.extend(public_params);
+    let private = private_template(label, &id, policy, on_token);
+    let (public_handle, private_handle) = session
+        .generate_key_pair(&mechanism, &public, &private)
+        .map_err(Error::pkcs11("generate key pair (C_GenerateKeyPair)"))?;
+
+    let checked = read_key(session, private_handle).and_then(|key| {
+        check_generated(&key, policy)?;
+        Ok(key)
+    });
+    if checked.is_err() {
+        destroy_pair(session, private_handle, Some(public_handle));
+    }
+    checked
+}
+
 fn refuse_duplicates(
     session: &Session,
     token_label: &str,
@@ -200,7 +235,12 @@ fn refuse_duplicates(
                 Attribute::Class(ObjectClass::PRIVATE_KEY),
                 match selector.id {
                     Some(id) => Attribute::Id(id),
-                    None => Attribute::Label(selector.label.unwrap_or_default().into_bytes()),
+                    None => Attribute::Label(
+                        selector
+                            .label
+                            .unwrap_or_default()
+                            .into_bytes(),
+                    ),
                 },
             ])
             .map_err(Error::pkcs11("look for existing keys"))?;
@@ -220,9 +260,9 @@ fn refuse_duplicates(
     Ok(())
 }
 
-fn public_template(label: &str, id: &[u8]) -> Vec<Attribute> {
+fn public_template(label: &str, id: &[u8], on_token: bool) -> Vec<Attribute> {
     vec![
-        Attribute::Token(true),
+        Attribute::Token(on_token),
         Attribute::Private(false),
         Attribute::Label(label.as_bytes().to_vec()),
         Attribute::Id(id.to_vec()),
@@ -233,10 +273,15 @@ fn public_template(label: &str, id: &[u8]) -> Vec<Attribute> {
     ]
 }
 
-fn private_template(label: &str, id: &[u8], policy: BackupPolicy) -> Vec<Attribute> {
+fn private_template(
+    label: &str,
+    id: &[u8],
+    policy: BackupPolicy,
+    on_token: bool,
+) -> Vec<Attribute> {
     let extractable = policy == BackupPolicy::WrapWithTrusted;
     let mut template = vec![
-        Attribute::Token(true),
+        Attribute::Token(on_token),
         Attribute::Private(true),
         Attribute::Label(label.as_bytes().to_vec()),
         Attribute::Id(id.to_vec()),
@@ -259,7 +304,11 @@ fn check_generated(key: &KeyObject, policy: BackupPolicy) -> Result<(), Error> {
         ("CKA_SENSITIVE", key.sensitive, true),
         ("CKA_ALWAYS_SENSITIVE", key.always_sensitive, true),
         ("CKA_EXTRACTABLE", key.extractable, want_extractable),
-        ("CKA_NEVER_EXTRACTABLE", key.never_extractable, !want_extractable),
+        (
+            "CKA_NEVER_EXTRACTABLE",
+            key.never_extractable,
+            !want_extractable,
+        ),
         ("CKA_SIGN", key.sign, true),
         ("CKA_LOCAL", key.local, true),
         (
@@ -290,9 +339,10 @@ fn destroy_pair(session: &Session, private: ObjectHandle, public: Option<ObjectH
 }
 
 fn oid_der(oid: const_oid::ObjectIdentifier) -> Result<Vec<u8>, Error> {
-    oid.to_der().map_err(|e| Error::KeyGeneration {
-        reason: format!("encoding the curve OID: {e}"),
-    })
+    oid.to_der()
+        .map_err(|e| Error::KeyGeneration {
+            reason: format!("encoding the curve OID: {e}"),
+        })
 }
 
 /// Zeroizes secret values in a template once the token has them.
@@ -368,8 +418,7 @@ impl KeyMaterial {
             return Ok(Self::Rsa(Box::new(key)));
         }
         if alg == const_oid::db::rfc8410::ID_ED_25519 {
-            let key =
-                ed25519_dalek::SigningKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
+            let key = ed25519_dalek::SigningKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
             return Ok(Self::Ed25519 {
                 seed: Zeroizing::new(key.to_bytes().to_vec()),
                 point: key.verifying_key().to_bytes().to_vec(),
@@ -517,11 +566,11 @@ mod tests {
             "ec:p384".parse::<KeySpec>().unwrap().0,
             KeyKind::Ec(Curve::P384)
         );
-        assert_eq!(
-            "rsa:3072".parse::<KeySpec>().unwrap().0,
-            KeyKind::Rsa(3072)
-        );
-        let err = "rsa:1024".parse::<KeySpec>().unwrap_err().to_string();
+        assert_eq!("rsa:3072".parse::<KeySpec>().unwrap().0, KeyKind::Rsa(3072));
+        let err = "rsa:1024"
+            .parse::<KeySpec>()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rsa:2048"), "{err}");
     }
 

@@ -3,8 +3,10 @@
 //! Everything here talks to the module through `cryptoki`; the layers above never call it
 //! directly except to sign on a pooled session.
 
+mod destroy;
 mod keygen;
 mod keys;
+mod login;
 mod mechanism;
 mod module;
 mod token;
@@ -14,11 +16,16 @@ use std::path::PathBuf;
 
 use cryptoki::error::{Error as CkError, RvError};
 
-pub use keygen::{generate_key_pair, import_private_key, BackupPolicy, KeySpec, KEY_SPEC_FORMS};
-pub use keys::{
-    find_key, list_keys, public_key_spki, spki_fingerprint, Curve, KeyKind, KeyObject, KeySelector,
-    ObjectClassName,
+pub use destroy::{destroy_key, DestroyedKey};
+pub use keygen::{
+    generate_key_pair, generate_session_key_pair, import_private_key, BackupPolicy, KeySpec,
+    KEY_SPEC_FORMS,
 };
+pub use keys::{
+    find_key, list_keys, public_key_spki, spki_fingerprint, spki_of_certificate, Curve, KeyKind,
+    KeyObject, KeySelector, ObjectClassName,
+};
+pub use login::login_user;
 pub use mechanism::{mechanism_flags, MechanismList};
 pub use module::{Module, MODULE_ENV};
 pub use token::{
@@ -73,6 +80,14 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// Login was not attempted: the user PIN is locked or on its final try.
+    #[error("not attempting login to token {token}: {reason}")]
+    LoginRefused {
+        /// The token, as [`Token::describe`] names it.
+        token: String,
+        /// Why, and what to do.
+        reason: &'static str,
+    },
     /// The module path was given neither as an option nor in the environment.
     #[error("no PKCS#11 module named: pass --module PATH or set RUSTLS_HSM_MODULE")]
     ModuleNotNamed,
@@ -124,6 +139,15 @@ pub enum Error {
         found: String,
         /// What we need.
         expected: String,
+    },
+    /// `C_Login` said the user PIN is wrong.
+    #[error("wrong user PIN for token {token}; check the PIN source (every wrong PIN counts towards locking it)")]
+    PinIncorrect {
+        /// The token, as [`Token::describe`] names it.
+        token: String,
+        /// The PKCS#11 error (`CKR_PIN_INCORRECT` from `C_Login`).
+        #[source]
+        source: CkError,
     },
     /// A PKCS#11 call failed.
     #[error("{op}: {}", rv_text(.source))]
@@ -185,7 +209,9 @@ impl Error {
     /// The PKCS#11 return code behind this error, if there is one.
     pub fn rv(&self) -> Option<RvError> {
         match self {
-            Self::Pkcs11 { source, .. } | Self::ModuleInitialize { source, .. } => rv_of(source),
+            Self::Pkcs11 { source, .. }
+            | Self::ModuleInitialize { source, .. }
+            | Self::PinIncorrect { source, .. } => rv_of(source),
             _ => None,
         }
     }
@@ -231,7 +257,10 @@ mod tests {
     #[test]
     fn return_code_names_follow_the_spec() {
         assert_eq!(rv_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
-        assert_eq!(rv_name(RvError::SessionHandleInvalid), "CKR_SESSION_HANDLE_INVALID");
+        assert_eq!(
+            rv_name(RvError::SessionHandleInvalid),
+            "CKR_SESSION_HANDLE_INVALID"
+        );
         assert_eq!(
             rv_name(RvError::CryptokiAlreadyInitialized),
             "CKR_CRYPTOKI_ALREADY_INITIALIZED"

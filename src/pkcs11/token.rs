@@ -45,7 +45,9 @@ impl TokenSelector {
                     && same(&uri.serial, info.serial_number())
                     && same(&uri.model, info.model())
                     && same(&uri.manufacturer, info.manufacturer_id())
-                    && uri.slot_id.is_none_or(|id| id == slot.id())
+                    && uri
+                        .slot_id
+                        .is_none_or(|id| id == slot.id())
             }
         }
     }
@@ -62,7 +64,9 @@ impl FromStr for TokenSelector {
         let selector = if s.starts_with("pkcs11:") {
             let uri: Pkcs11Uri = s.parse()?;
             if !uri.has_token_attributes() {
-                return Err(bad("the URI names no token attribute (token=, serial=, model=, manufacturer=)"));
+                return Err(bad(
+                    "the URI names no token attribute (token=, serial=, model=, manufacturer=)",
+                ));
             }
             if uri.slot_id.is_some() {
                 warn!(selector = s, "selecting a token by slot-id: slot ids change when tokens are initialised; prefer token= or serial=");
@@ -71,7 +75,11 @@ impl FromStr for TokenSelector {
         } else if let Some(serial) = s.strip_prefix("serial:") {
             Self::Serial(serial.to_owned())
         } else {
-            Self::Label(s.strip_prefix("label:").unwrap_or(s).to_owned())
+            Self::Label(
+                s.strip_prefix("label:")
+                    .unwrap_or(s)
+                    .to_owned(),
+            )
         };
         if let Self::Label(label) | Self::Serial(label) = &selector {
             if label.is_empty() {
@@ -92,11 +100,20 @@ impl fmt::Display for TokenSelector {
             Self::Serial(serial) => write!(f, "serial:{serial}"),
             Self::Uri(uri) => {
                 let parts: Vec<String> = [
-                    uri.token.as_ref().map(|v| format!("token={v}")),
-                    uri.serial.as_ref().map(|v| format!("serial={v}")),
-                    uri.model.as_ref().map(|v| format!("model={v}")),
-                    uri.manufacturer.as_ref().map(|v| format!("manufacturer={v}")),
-                    uri.slot_id.map(|v| format!("slot-id={v}")),
+                    uri.token
+                        .as_ref()
+                        .map(|v| format!("token={v}")),
+                    uri.serial
+                        .as_ref()
+                        .map(|v| format!("serial={v}")),
+                    uri.model
+                        .as_ref()
+                        .map(|v| format!("model={v}")),
+                    uri.manufacturer
+                        .as_ref()
+                        .map(|v| format!("manufacturer={v}")),
+                    uri.slot_id
+                        .map(|v| format!("slot-id={v}")),
                 ]
                 .into_iter()
                 .flatten()
@@ -285,7 +302,10 @@ pub fn init_token(
             })?,
         None => slots
             .iter()
-            .find(|(_, t)| t.as_ref().is_some_and(|t| !t.info.token_initialized()))
+            .find(|(_, t)| {
+                t.as_ref()
+                    .is_some_and(|t| !t.info.token_initialized())
+            })
             .ok_or_else(|| {
                 Error::TokenRefused(
                     "no slot holds an uninitialised token; pass --slot-id to re-initialise one"
@@ -337,20 +357,21 @@ pub fn init_token(
 }
 
 /// Changes the user PIN (`C_SetPIN` in a user session).
+///
+/// Logs in with [`super::login_user`], so a PIN on its final try is not tried; a new PIN equal
+/// to the current one is refused.
 pub fn change_user_pin(
     module: &Module,
     token: &Token,
     old_pin: &SecretString,
     new_pin: &SecretString,
 ) -> Result<(), Error> {
-    refuse_if_locked(module, token, UserType::User)?;
-    let session = module
-        .context()
-        .open_rw_session(token.slot)
-        .map_err(Error::pkcs11("open session"))?;
-    session
-        .login(UserType::User, Some(old_pin))
-        .map_err(Error::pkcs11("log in with the current user PIN"))?;
+    if crate::pin::same_pin(old_pin, new_pin) {
+        return Err(Error::TokenRefused(
+            "the new user PIN is the same as the current one; nothing was changed".into(),
+        ));
+    }
+    let session = super::login_user(module, token, old_pin)?;
     session
         .set_pin(old_pin, new_pin)
         .map_err(Error::pkcs11("change the user PIN (C_SetPIN)"))?;
@@ -429,20 +450,29 @@ mod tests {
     #[test]
     fn parses_selectors() {
         assert_eq!(
-            "signer".parse::<TokenSelector>().unwrap(),
+            "signer"
+                .parse::<TokenSelector>()
+                .unwrap(),
             TokenSelector::Label("signer".into())
         );
         assert_eq!(
-            "serial:abc".parse::<TokenSelector>().unwrap(),
+            "serial:abc"
+                .parse::<TokenSelector>()
+                .unwrap(),
             TokenSelector::Serial("abc".into())
         );
         assert!(matches!(
             "pkcs11:token=a%20b".parse::<TokenSelector>().unwrap(),
             TokenSelector::Uri(uri) if uri.token.as_deref() == Some("a b")
         ));
-        assert!("pkcs11:object=x".parse::<TokenSelector>().is_err());
+        assert!("pkcs11:object=x"
+            .parse::<TokenSelector>()
+            .is_err());
         assert!("".parse::<TokenSelector>().is_err());
-        assert!("x".repeat(33).parse::<TokenSelector>().is_err());
+        assert!("x"
+            .repeat(33)
+            .parse::<TokenSelector>()
+            .is_err());
     }
 
     #[test]
