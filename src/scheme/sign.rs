@@ -197,7 +197,7 @@ mod tests {
         raw[63] = 0x01;
         let der = ecdsa_der(Curve::P256, &raw).unwrap();
         let parsed = p256::ecdsa::Signature::from_der(&der).unwrap();
-        assert_eq!(parsed.to_bytes().as_slice(), &raw);
+        assert_eq!(&parsed.to_bytes()[..], &raw[..]);
         // SEQUENCE { INTEGER 31 bytes, INTEGER 33 bytes (0x00 then 0x80...) }
         assert_eq!(&der[..4], &[0x30, 0x44, 0x02, 0x1f]);
         assert_eq!(&der[35..38], &[0x02, 0x21, 0x00]);
@@ -233,7 +233,7 @@ mod tests {
         // RFC 8017 section 9.2 note 1: the SHA-256 DigestInfo prefix.
         let prefix = hex::decode("3031300d060960864801650304020105000420").unwrap();
         assert_eq!(&input[..19], prefix.as_slice());
-        assert_eq!(&input[19..], Sha256::digest(b"abc").as_slice());
+        assert_eq!(&input[19..], &Sha256::digest(b"abc")[..]);
     }
 
     #[test]
