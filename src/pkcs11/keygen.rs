@@ -386,14 +386,23 @@ impl KeyMaterial {
             "EC PRIVATE KEY" => {
                 let key = sec1::EcPrivateKey::try_from(der.as_slice())
                     .map_err(|e| bad(format!("invalid SEC1 key: {e}")))?;
-                let oid = key
+                let curve = match key
                     .parameters
                     .and_then(|p| p.named_curve())
-                    .ok_or_else(|| bad("the SEC1 key names no curve".into()))?;
-                let curve = [Curve::P256, Curve::P384, Curve::P521]
-                    .into_iter()
-                    .find(|c| c.oid() == oid)
-                    .ok_or_else(|| bad(format!("unsupported curve {oid}")))?;
+                {
+                    Some(oid) => [Curve::P256, Curve::P384, Curve::P521]
+                        .into_iter()
+                        .find(|c| c.oid() == oid)
+                        .ok_or_else(|| bad(format!("unsupported curve {oid}")))?,
+                    // RFC 5915 wants the curve named, but RustCrypto's encoder leaves it out;
+                    // the scalar's length differs for every supported curve.
+                    None => [Curve::P256, Curve::P384, Curve::P521]
+                        .into_iter()
+                        .find(|c| c.field_len() == key.private_key.len())
+                        .ok_or_else(|| {
+                            bad("the SEC1 key names no curve, and its length fits none".into())
+                        })?,
+                };
                 ec_material(curve, key.private_key).map_err(bad)
             }
             "RSA PRIVATE KEY" => {
@@ -572,6 +581,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rsa:2048"), "{err}");
+    }
+
+    #[test]
+    fn sec1_without_a_curve_is_read_by_length() {
+        // p256's own SEC1 encoder omits the curve parameters.
+        let key = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
+        let pem = key
+            .to_sec1_pem(der::pem::LineEnding::LF)
+            .unwrap();
+        assert!(matches!(
+            KeyMaterial::from_pem(&pem).unwrap(),
+            KeyMaterial::Ec {
+                curve: Curve::P256,
+                ..
+            }
+        ));
     }
 
     #[test]

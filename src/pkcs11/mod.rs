@@ -141,7 +141,7 @@ pub enum Error {
         expected: String,
     },
     /// `C_Login` said the user PIN is wrong.
-    #[error("wrong user PIN for token {token}; check the PIN source (every wrong PIN counts towards locking it)")]
+    #[error("wrong user PIN for token {token} ({}); check the PIN source (every wrong PIN counts towards locking it)", rv_text(.source))]
     PinIncorrect {
         /// The token, as [`Token::describe`] names it.
         token: String,
