@@ -1,1 +1,85 @@
-fn main(){}
+//! `rustls-hsm`: the operator's tool for PKCS#11 tokens and the signing keys rustls-hsm uses.
+
+mod common;
+mod doctor;
+mod key;
+mod selftest;
+mod token;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rustls_hsm::pkcs11::Module;
+use tracing_subscriber::EnvFilter;
+
+/// Manage PKCS#11 tokens and keys for rustls-hsm, and check what a token can serve.
+///
+/// PINs are never given directly: every PIN option takes a source, env:NAME, file:PATH,
+/// cmd:COMMAND or prompt.
+#[derive(Debug, Parser)]
+#[command(name = "rustls-hsm", version)]
+struct Cli {
+    #[command(flatten)]
+    global: common::GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report the module, its slots and tokens, and the TLS signature schemes they can serve.
+    Doctor(doctor::DoctorArgs),
+    /// Generate, import, list, show and delete signing keys.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+    /// List and initialise tokens; change or reset the user PIN.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(log_filter())
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", common::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `RUST_LOG`, default `warn`; cryptoki's error for every mechanism it cannot name is silenced
+/// unless `RUST_LOG` asks for cryptoki by name.
+fn log_filter() -> EnvFilter {
+    let wanted = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = match EnvFilter::try_new(&wanted) {
+        Ok(filter) if !wanted.trim().is_empty() => filter,
+        _ => EnvFilter::new("warn"),
+    };
+    if wanted.contains("cryptoki") {
+        return filter;
+    }
+    match "cryptoki::mechanism=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let module = Module::load_from(cli.global.module.as_deref())?;
+    let result = match cli.command {
+        Command::Doctor(args) => doctor::run(&module, &args),
+        Command::Key(command) => key::run(&module, command),
+        Command::Token(command) => token::run(&module, command),
+    };
+    // Every session is closed by now; finalize before exit rather than in a destructor.
+    let finalized = module.finalize();
+    result?;
+    Ok(finalized?)
+}

@@ -1,0 +1,299 @@
+//! `rustls-hsm key`: generate, import, list, show and delete signing keys on a token.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::Context;
+use clap::Subcommand;
+use der::pem::LineEnding;
+use rustls_hsm::pkcs11::{
+    destroy_key, find_key, generate_key_pair, import_private_key, list_keys, BackupPolicy, Curve,
+    KeyKind, KeyObject, KeySelector, KeySpec, Module, Pkcs11Uri, Token,
+};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::common::{confirm_by_typing, print_json, LoginArgs};
+
+/// The `key` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Delete a key pair and its certificates.
+    Delete {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The key: its label, `id:HEX` or a `pkcs11:` URI.
+        key: KeySelector,
+        /// Delete without asking to type the label.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Generate a key pair on the token; the private half never leaves it.
+    Generate(GenerateArgs),
+    /// Import a PEM private key (PKCS#8, SEC1 or PKCS#1) as a non-extractable key.
+    Import {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The new key's label.
+        #[arg(long)]
+        label: String,
+        /// The new key's CKA_ID in hex; random by default.
+        #[arg(long, value_name = "HEX")]
+        id: Option<KeyId>,
+        /// The PEM file holding the private key.
+        #[arg(long = "in", value_name = "KEY.pem")]
+        input: PathBuf,
+    },
+    /// List the private keys on the token.
+    List {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key, with its public key as PEM.
+    Show {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The key: its label, `id:HEX` or a `pkcs11:` URI.
+        key: KeySelector,
+    },
+}
+
+/// Options of `key generate`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    login: LoginArgs,
+    /// The new key's label (unique among the token's private keys).
+    #[arg(long)]
+    label: String,
+    /// Key type: ec:p256, ec:p384, ec:p521, rsa:2048, rsa:3072, rsa:4096 or ed25519.
+    #[arg(long = "type", value_name = "TYPE")]
+    key_type: KeySpec,
+    /// The new key's CKA_ID in hex; random by default.
+    #[arg(long, value_name = "HEX")]
+    id: Option<KeyId>,
+    /// none: the key never leaves the token; wrap-with-trusted: only wrapped by a trusted key.
+    #[arg(long, value_name = "POLICY", default_value = "none")]
+    backup_policy: BackupPolicy,
+}
+
+/// Runs a `key` subcommand.
+pub(crate) fn run(module: &Module, command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Delete { login, key, yes } => delete(module, &login, &key, yes),
+        KeyCommand::Generate(args) => {
+            let (token, session) = args.login.login(module)?;
+            let key = generate_key_pair(
+                &session,
+                &token.label,
+                &args.label,
+                args.key_type,
+                args.id.map(|id| id.0),
+                args.backup_policy,
+            )?;
+            println!("generated key pair on token {}", token.describe());
+            print_key(&KeyEntry::new(&token, &key));
+            Ok(())
+        }
+        KeyCommand::Import {
+            login,
+            label,
+            id,
+            input,
+        } => {
+            let pem = Zeroizing::new(
+                std::fs::read_to_string(&input)
+                    .with_context(|| format!("reading {}", input.display()))?,
+            );
+            let (token, session) = login.login(module)?;
+            let key = import_private_key(&session, &token.label, &label, id.map(|id| id.0), &pem)?;
+            println!("imported key on token {}", token.describe());
+            print_key(&KeyEntry::new(&token, &key));
+            Ok(())
+        }
+        KeyCommand::List { login, json } => list(module, &login, json),
+        KeyCommand::Show { login, key } => {
+            let (token, session) = login.login(module)?;
+            let key = find_key(&session, &key, &token.label, true)?;
+            print_key(&KeyEntry::new(&token, &key));
+            let pem = der::Document::try_from(key.spki.as_slice())
+                .and_then(|doc| doc.to_pem("PUBLIC KEY", LineEnding::LF))
+                .context("encoding the public key as PEM")?;
+            print!("{pem}");
+            Ok(())
+        }
+    }
+}
+
+/// One key in `key list --json`.
+///
+/// Fields: `label`, `id` (CKA_ID, lowercase hex), `type` (`ec:p256`, `rsa:2048`, `ed25519`...),
+/// `algorithm` (`ec`, `rsa`, `ed25519`), `bits`, `curve` (`P-256`/`P-384`/`P-521`/`Ed25519`, or
+/// null for RSA), `uri` (RFC 7512), `spki_sha256` (lowercase hex of the SHA-256 of the DER
+/// SubjectPublicKeyInfo), `sensitive`, `extractable`, `never_extractable`, `always_sensitive`,
+/// `local`, `imported` (= not local), `sign`, `certificate` (a certificate with the same id is
+/// on the token). Keys that cannot be read appear as `{"error": "..."}`.
+#[derive(Debug, Serialize)]
+struct KeyEntry {
+    label: String,
+    id: String,
+    #[serde(rename = "type")]
+    key_type: String,
+    algorithm: &'static str,
+    bits: usize,
+    curve: Option<&'static str>,
+    uri: String,
+    spki_sha256: String,
+    sensitive: bool,
+    extractable: bool,
+    never_extractable: bool,
+    always_sensitive: bool,
+    local: bool,
+    imported: bool,
+    sign: bool,
+    certificate: bool,
+}
+
+impl KeyEntry {
+    fn new(token: &Token, key: &KeyObject) -> Self {
+        let (algorithm, bits, curve) = match key.kind {
+            KeyKind::Ec(Curve::P256) => ("ec", 256, Some("P-256")),
+            KeyKind::Ec(Curve::P384) => ("ec", 384, Some("P-384")),
+            KeyKind::Ec(Curve::P521) => ("ec", 521, Some("P-521")),
+            KeyKind::Ed25519 => ("ed25519", 256, Some("Ed25519")),
+            KeyKind::Rsa(bits) => ("rsa", bits, None),
+        };
+        Self {
+            label: key.label.clone(),
+            id: hex::encode(&key.id),
+            key_type: key.kind.to_string(),
+            algorithm,
+            bits,
+            curve,
+            uri: Pkcs11Uri::for_object(&token.label, &token.serial, &key.label, &key.id, "private"),
+            spki_sha256: key.fingerprint(),
+            sensitive: key.sensitive,
+            extractable: key.extractable,
+            never_extractable: key.never_extractable,
+            always_sensitive: key.always_sensitive,
+            local: key.local,
+            imported: !key.local,
+            sign: key.sign,
+            certificate: key.has_certificate,
+        }
+    }
+
+    fn flags(&self) -> Vec<&'static str> {
+        [
+            (self.sensitive, "sensitive"),
+            (self.always_sensitive, "always sensitive"),
+            (self.extractable, "extractable"),
+            (self.never_extractable, "never extractable"),
+            (self.local, "generated on the token"),
+            (self.imported, "imported"),
+            (!self.sign, "cannot sign"),
+        ]
+        .into_iter()
+        .filter_map(|(set, word)| set.then_some(word))
+        .collect()
+    }
+}
+
+fn print_key(key: &KeyEntry) {
+    println!("key `{}`", key.label);
+    println!("  id:          {}", key.id);
+    println!("  type:        {}", key.key_type);
+    println!("  uri:         {}", key.uri);
+    println!("  spki sha256: {}", key.spki_sha256);
+    println!("  flags:       {}", key.flags().join(", "));
+    println!(
+        "  certificate: {}",
+        if key.certificate { "present" } else { "none" }
+    );
+}
+
+fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
+    let (token, session) = login.login(module)?;
+    let keys = list_keys(&session)?;
+    if json {
+        let entries: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|key| match key {
+                Ok(key) => serde_json::to_value(KeyEntry::new(&token, key)),
+                Err(e) => Ok(serde_json::json!({ "error": e.to_string() })),
+            })
+            .collect::<Result<_, _>>()
+            .context("encoding JSON")?;
+        return print_json(&serde_json::json!({ "keys": entries }));
+    }
+    if keys.is_empty() {
+        println!("no private keys on token {}", token.describe());
+    }
+    for key in &keys {
+        match key {
+            Ok(key) => print_key(&KeyEntry::new(&token, key)),
+            Err(e) => println!("unreadable key: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn delete(
+    module: &Module,
+    login: &LoginArgs,
+    selector: &KeySelector,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let (token, session) = login.login(module)?;
+    let key = find_key(&session, selector, &token.label, true)?;
+    if !yes {
+        confirm_by_typing(
+            &key.label,
+            &format!(
+                "deleting key {} from token {}",
+                key.describe(),
+                token.describe()
+            ),
+            "--yes",
+        )?;
+    }
+    let done = destroy_key(&session, &key)?;
+    println!(
+        "deleted key {}: private key, {}, {} certificate(s)",
+        key.describe(),
+        if done.public {
+            "public key"
+        } else {
+            "no public key object"
+        },
+        done.certificates
+    );
+    if done.shared_certificates > 0 {
+        println!(
+            "kept {} certificate(s) with id {}: another private key has the same id",
+            done.shared_certificates,
+            hex::encode(&key.id)
+        );
+    }
+    Ok(())
+}
+
+/// A `CKA_ID` given in hex on the command line.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyId(Vec<u8>);
+
+impl FromStr for KeyId {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let id = hex::decode(text.trim_start_matches("0x"))
+            .map_err(|_| "the id must be hexadecimal, e.g. 01 or a1b2".to_owned())?;
+        if id.is_empty() {
+            return Err("the id must not be empty".into());
+        }
+        Ok(Self(id))
+    }
+}
