@@ -4,7 +4,12 @@
 //! directory, removed when the value drops. Subprocesses get it through their environment;
 //! in-process tests call [`TestHsm::use_in_this_process`], which needs one process per test
 //! (cargo-nextest), because SoftHSM reads `SOFTHSM2_CONF` once, at `C_Initialize`.
-#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods, unreachable_pub)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    unreachable_pub
+)]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -173,3 +178,6 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+pub mod cli;
+pub mod tls;

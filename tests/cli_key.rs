@@ -1,0 +1,381 @@
+//! `rustls-hsm key ...` against real SoftHSM tokens, checked with pkcs11-tool as an independent
+//! client.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::cli::{fails, json, ok, private_keys_seen_by_pkcs11_tool, tool_ok};
+use common::{TestHsm, TestToken};
+use p256::pkcs8::{DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use sha2::{Digest, Sha256};
+
+/// What pkcs11-tool (OpenSC 0.23) prints for a key generated sensitive and non-extractable.
+const GENERATED_ACCESS: &str = "sensitive, always sensitive, never extractable, local";
+
+#[test]
+fn generates_every_key_type_sensitive_and_local() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    let types = [
+        "ec:p256", "ec:p384", "ec:p521", "rsa:2048", "rsa:3072", "rsa:4096", "ed25519",
+    ];
+    for key_type in types {
+        let label = format!("k-{key_type}");
+        let out = ok(hsm.cli_login(
+            &token,
+            &["key", "generate", "--label", &label, "--type", key_type],
+        ));
+        assert!(out.contains(&format!("type:        {key_type}")), "{out}");
+    }
+
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), types.len(), "{listed:#}");
+    for key_type in types {
+        let key = keys
+            .iter()
+            .find(|k| k["type"] == key_type)
+            .unwrap_or_else(|| panic!("no {key_type} key in {listed:#}"));
+        for (flag, want) in [
+            ("sensitive", true),
+            ("always_sensitive", true),
+            ("never_extractable", true),
+            ("extractable", false),
+            ("local", true),
+            ("imported", false),
+            ("sign", true),
+            ("certificate", false),
+        ] {
+            assert_eq!(key[flag], want, "{flag} of {key:#}");
+        }
+        assert_eq!(
+            key["spki_sha256"]
+                .as_str()
+                .unwrap()
+                .len(),
+            64,
+            "{key:#}"
+        );
+        let uri = key["uri"].as_str().unwrap();
+        assert!(uri.starts_with("pkcs11:token=signer;serial="), "{uri}");
+        assert!(uri.ends_with(";type=private"), "{uri}");
+    }
+
+    let seen = private_keys_seen_by_pkcs11_tool(&hsm, &token);
+    assert_eq!(seen.len(), types.len(), "{seen:?}");
+    for (label, _, access) in &seen {
+        assert_eq!(
+            access, GENERATED_ACCESS,
+            "pkcs11-tool's access line of `{label}`"
+        );
+    }
+}
+
+#[test]
+fn refuses_a_label_or_id_a_private_key_has() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    let generate = |label: &str, id: &str| {
+        hsm.cli_login(
+            &token,
+            &[
+                "key", "generate", "--label", label, "--type", "ec:p256", "--id", id,
+            ],
+        )
+    };
+    ok(generate("tls", "0a"));
+
+    let err = fails(generate("tls", "0b"));
+    assert!(err.contains("label `tls` already exists"), "{err}");
+    let err = fails(generate("other", "0a"));
+    assert!(err.contains("id 0a already exists"), "{err}");
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1, "{listed:#}");
+}
+
+#[test]
+fn shows_keys_made_by_pkcs11_tool() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    tool_keypair(&hsm, &token, "X", "01");
+
+    let shown = ok(hsm.cli_login(&token, &["key", "show", "X"]));
+    assert!(shown.contains("key `X`"), "{shown}");
+    assert!(shown.contains("type:        ec:p256"), "{shown}");
+    assert!(shown.contains("id:          01"), "{shown}");
+    assert!(shown.contains("generated on the token"), "{shown}");
+
+    // The PEM is the key's SPKI: its SHA-256 is the fingerprint shown above it.
+    let pem = &shown[shown
+        .find("-----BEGIN PUBLIC KEY-----")
+        .unwrap()..];
+    let (label, der) = der::pem::decode_vec(pem.as_bytes()).unwrap();
+    assert_eq!(label, "PUBLIC KEY");
+    let fingerprint = hex::encode(Sha256::digest(&der));
+    assert!(shown.contains(&fingerprint), "{shown}");
+    p256::PublicKey::from_public_key_der(&der).unwrap();
+
+    for selector in [
+        "id:01",
+        "pkcs11:object=X;id=%01",
+        "pkcs11:token=signer;object=X",
+    ] {
+        let again = ok(hsm.cli_login(&token, &["key", "show", selector]));
+        assert!(again.contains(&fingerprint), "{selector}: {again}");
+    }
+}
+
+#[test]
+fn a_shared_label_is_ambiguous_until_the_id_is_given() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    tool_keypair(&hsm, &token, "dup", "02");
+    tool_keypair(&hsm, &token, "dup", "03");
+
+    for args in [
+        &["key", "show", "dup"][..],
+        &["key", "delete", "dup", "--yes"][..],
+    ] {
+        let err = fails(hsm.cli_login(&token, args));
+        assert!(err.contains("matches 2 private keys"), "{err}");
+        assert!(err.contains("id 02") && err.contains("id 03"), "{err}");
+        assert!(err.contains("id:HEX"), "{err}");
+    }
+    assert_eq!(private_keys_seen_by_pkcs11_tool(&hsm, &token).len(), 2);
+
+    ok(hsm.cli_login(&token, &["key", "show", "id:02"]));
+    ok(hsm.cli_login(&token, &["key", "delete", "id:02", "--yes"]));
+    let left = private_keys_seen_by_pkcs11_tool(&hsm, &token);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].1, "03", "{left:?}");
+    let public = tool_ok(hsm.pkcs11_tool(&[
+        "--token-label",
+        "signer",
+        "--list-objects",
+        "--type",
+        "pubkey",
+    ]));
+    assert!(!public.contains("ID:         02"), "{public}");
+    ok(hsm.cli_login(&token, &["key", "show", "dup"]));
+}
+
+#[test]
+fn delete_needs_confirmation_and_takes_the_certificate_along() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    for (label, id) in [("tls", "0a"), ("other", "0b")] {
+        ok(hsm.cli_login(
+            &token,
+            &[
+                "key", "generate", "--label", label, "--type", "ec:p256", "--id", id,
+            ],
+        ));
+        write_certificate(&hsm, &token, label, id);
+    }
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    assert!(
+        listed["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["certificate"] == true),
+        "{listed:#}"
+    );
+
+    // Without --yes the label must be typed on a terminal; stdin here is not one.
+    let err = fails(hsm.cli_login(&token, &["key", "delete", "tls"]));
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert_eq!(private_keys_seen_by_pkcs11_tool(&hsm, &token).len(), 2);
+
+    let out = ok(hsm.cli_login(&token, &["key", "delete", "tls", "--yes"]));
+    assert!(out.contains("public key, 1 certificate(s)"), "{out}");
+    let seen = private_keys_seen_by_pkcs11_tool(&hsm, &token);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, "other");
+    let certs = tool_ok(hsm.pkcs11_tool(&[
+        "--token-label",
+        "signer",
+        "--list-objects",
+        "--type",
+        "cert",
+    ]));
+    assert!(!certs.contains("ID:         0a"), "{certs}");
+    assert!(certs.contains("ID:         0b"), "{certs}");
+}
+
+#[test]
+fn imports_pkcs8_sec1_and_pkcs1_keys_as_non_extractable() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected = Vec::new();
+
+    // EC keys from the p256 crate, as PKCS#8 and as SEC1.
+    for (label, sec1) in [("ec-pkcs8", false), ("ec-sec1", true)] {
+        let key = random_p256();
+        let pem = if sec1 {
+            key.to_sec1_pem(LineEnding::LF)
+                .unwrap()
+                .to_string()
+        } else {
+            key.to_pkcs8_pem(LineEnding::LF)
+                .unwrap()
+                .to_string()
+        };
+        let path = dir.path().join(format!("{label}.pem"));
+        std::fs::write(&path, pem).unwrap();
+        let spki = key
+            .public_key()
+            .to_public_key_der()
+            .unwrap();
+        expected.push((label, path, hex::encode(Sha256::digest(spki.as_bytes()))));
+    }
+
+    // SEC1 from openssl names the curve (the p256 crate's SEC1 above does not).
+    let sec1 = dir.path().join("ec-openssl-sec1.pem");
+    let sec1_spki = dir.path().join("ec.spki");
+    openssl(
+        &["ecparam", "-name", "secp384r1", "-genkey", "-noout"],
+        &sec1,
+    );
+    openssl(
+        &[
+            "pkey",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-in",
+            sec1.to_str().unwrap(),
+        ],
+        &sec1_spki,
+    );
+    let fingerprint = hex::encode(Sha256::digest(std::fs::read(&sec1_spki).unwrap()));
+    expected.push(("ec-openssl-sec1", sec1, fingerprint));
+
+    // An RSA key from openssl, converted to PKCS#1 ("BEGIN RSA PRIVATE KEY").
+    let pkcs8 = dir.path().join("rsa8.pem");
+    let pkcs1 = dir.path().join("rsa-pkcs1.pem");
+    let spki = dir.path().join("rsa.spki");
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ],
+        &pkcs8,
+    );
+    openssl(
+        &["rsa", "-traditional", "-in", pkcs8.to_str().unwrap()],
+        &pkcs1,
+    );
+    openssl(
+        &[
+            "pkey",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-in",
+            pkcs8.to_str().unwrap(),
+        ],
+        &spki,
+    );
+    let pem = std::fs::read_to_string(&pkcs1).unwrap();
+    assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{pem}");
+    let fingerprint = hex::encode(Sha256::digest(std::fs::read(&spki).unwrap()));
+    expected.push(("rsa-pkcs1", pkcs1, fingerprint));
+
+    for (label, path, _) in &expected {
+        let out = ok(hsm.cli_login(
+            &token,
+            &[
+                "key",
+                "import",
+                "--label",
+                label,
+                "--in",
+                path.to_str().unwrap(),
+            ],
+        ));
+        assert!(out.contains("imported"), "{out}");
+    }
+
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), expected.len(), "{listed:#}");
+    for (label, _, fingerprint) in &expected {
+        let key = keys
+            .iter()
+            .find(|k| k["label"] == *label)
+            .unwrap_or_else(|| panic!("no key `{label}` in {listed:#}"));
+        assert_eq!(key["sensitive"], true, "{key:#}");
+        assert_eq!(key["extractable"], false, "{key:#}");
+        assert_eq!(key["imported"], true, "{key:#}");
+        assert_eq!(key["local"], false, "{key:#}");
+        assert_eq!(key["spki_sha256"], fingerprint.as_str(), "{key:#}");
+    }
+}
+
+/// A key pair made by pkcs11-tool, not by us.
+fn tool_keypair(hsm: &TestHsm, token: &TestToken, label: &str, id: &str) {
+    tool_ok(hsm.pkcs11_tool(&[
+        "--token-label",
+        &token.label,
+        "--login",
+        "--pin",
+        &token.user_pin(),
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        label,
+        "--id",
+        id,
+    ]));
+}
+
+/// Stores a self-signed certificate (not for this key; only its CKA_ID matters) on the token.
+fn write_certificate(hsm: &TestHsm, token: &TestToken, label: &str, id: &str) {
+    let certified = rcgen::generate_simple_self_signed(vec![format!("{label}.test")]).unwrap();
+    let path = hsm
+        .path()
+        .join(format!("{label}.crt.der"));
+    std::fs::write(&path, certified.cert.der()).unwrap();
+    tool_ok(hsm.pkcs11_tool(&[
+        "--token-label",
+        &token.label,
+        "--login",
+        "--pin",
+        &token.user_pin(),
+        "--write-object",
+        path.to_str().unwrap(),
+        "--type",
+        "cert",
+        "--id",
+        id,
+        "--label",
+        label,
+    ]));
+}
+
+fn random_p256() -> p256::SecretKey {
+    loop {
+        let mut scalar = [0u8; 32];
+        getrandom::getrandom(&mut scalar).unwrap();
+        if let Ok(key) = p256::SecretKey::from_slice(&scalar) {
+            return key;
+        }
+    }
+}
+
+/// Runs `openssl ARGS -out OUT`, asserting success.
+fn openssl(args: &[&str], out: &std::path::Path) {
+    let result = Command::new("openssl")
+        .args(args)
+        .arg("-out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "openssl {args:?}: {}",
+        common::text(&result)
+    );
+}
