@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cert;
 mod error;
 mod key;
 pub mod pin;
