@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::cli::{fails, json, ok, private_keys_seen_by_pkcs11_tool, tool_ok};
+use common::cli::{fails, json, ok, on_terminal, private_keys_seen_by_pkcs11_tool, tool_ok};
 use common::{TestHsm, TestToken};
 use p256::pkcs8::{DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use sha2::{Digest, Sha256};
@@ -198,6 +198,29 @@ fn delete_needs_confirmation_and_takes_the_certificate_along() {
     ]));
     assert!(!certs.contains("ID:         0a"), "{certs}");
     assert!(certs.contains("ID:         0b"), "{certs}");
+}
+
+#[test]
+fn delete_accepts_only_the_label_typed_on_a_terminal() {
+    let (hsm, token) = TestHsm::with_token("signer");
+    ok(hsm.cli_login(
+        &token,
+        &["key", "generate", "--label", "tls", "--type", "ec:p256"],
+    ));
+    let delete = hsm.cli_login(&token, &["key", "delete", "tls"]);
+
+    let out = on_terminal(&delete, "tl\n");
+    assert!(!out.status.success(), "{}", common::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the typed text is not `tls`"),
+        "{}",
+        common::text(&out)
+    );
+    assert_eq!(private_keys_seen_by_pkcs11_tool(&hsm, &token).len(), 1);
+
+    let out = on_terminal(&delete, "tls\n");
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(private_keys_seen_by_pkcs11_tool(&hsm, &token).is_empty());
 }
 
 #[test]

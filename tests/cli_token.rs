@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::process::Stdio;
 
-use common::cli::{fails, json, ok, output};
+use common::cli::{fails, json, ok, on_terminal, output};
 use common::{random_pin, TestHsm};
 
 #[test]
@@ -324,6 +324,42 @@ fn reinit_needs_confirmation_and_keys_survive_without_it() {
         "--pin",
         &new_source,
     ]));
+    assert!(
+        keys["keys"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{keys:#}"
+    );
+}
+
+#[test]
+fn reinitialize_after_typing_the_label_on_a_terminal() {
+    let (hsm, signer) = TestHsm::with_token("signer");
+    ok(hsm.cli_login(
+        &signer,
+        &["key", "generate", "--label", "old", "--type", "ec:p256"],
+    ));
+    let slot = hsm.slot_of("signer").to_string();
+    let mut init = hsm.cli();
+    init.args(["token", "init", "--label", "signer", "--slot-id", &slot])
+        .args(["--so-pin", &signer.so_pin_source()])
+        .args(["--pin", &signer.pin_source()])
+        .arg("--reinitialize");
+
+    let out = on_terminal(&init, "signer2\n");
+    assert!(!out.status.success(), "{}", common::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the typed text is not `signer`"),
+        "{}",
+        common::text(&out)
+    );
+    let keys = json(hsm.cli_login(&signer, &["key", "list", "--json"]));
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1, "{keys:#}");
+
+    let out = on_terminal(&init, "signer\n");
+    assert!(out.status.success(), "{}", common::text(&out));
+    let keys = json(hsm.cli_login(&signer, &["key", "list", "--json"]));
     assert!(
         keys["keys"]
             .as_array()

@@ -116,3 +116,35 @@ pub fn private_keys_seen_by_pkcs11_tool(
     }
     keys
 }
+
+/// Runs the command on a pseudo-terminal (util-linux `script`) and types `typed` into it, for
+/// prompts that insist on a terminal. Returns the output; the transcript is in stdout.
+pub fn on_terminal(cmd: &Command, typed: &str) -> Output {
+    let quote = |s: &std::ffi::OsStr| {
+        format!(
+            "'{}'",
+            s.to_str()
+                .unwrap()
+                .replace('\'', r"'\''")
+        )
+    };
+    let line: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect();
+    let mut script = Command::new("script");
+    script
+        .args(["-q", "-e", "-c", &line.join(" "), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in cmd.get_envs() {
+        match value {
+            Some(value) => script.env(name, value),
+            None => script.env_remove(name),
+        };
+    }
+    let mut child = script.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), typed.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
