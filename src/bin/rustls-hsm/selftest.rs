@@ -172,6 +172,8 @@ impl<'a> Throwaway<'a> {
         let spec = KeySpec(kind);
         let key = match generate_session_key_pair(session, &token.label, &label, spec) {
             Ok(key) => key,
+            // LIMITATION: token objects outlive a crash between here and the drop; they carry
+            // the self-test label so that an operator can find and delete them.
             Err(e) if e.rv().is_some() => {
                 debug!(error = %e, key_type = %kind, "no session key pair; using token objects");
                 generate_key_pair(

@@ -194,6 +194,9 @@ fn init(module: &Module, args: &InitArgs) -> anyhow::Result<()> {
     } else {
         false
     };
+    // LIMITATION: both PINs are read before `init_token` checks the label and the slot, so a
+    // refused init may already have prompted for them; checking first would need those checks
+    // split out of `init_token` as a separate library function.
     let so_pin = read_pin(&args.so_pin, "SO PIN")?;
     let user_pin = read_pin(&args.pin, "user PIN")?;
     let token = init_token(
