@@ -229,29 +229,38 @@ mod tests {
     #[test]
     fn parses_sources() {
         assert_eq!(
-            "env:HSM_PIN".parse::<PinSource>().unwrap(),
+            "env:HSM_PIN"
+                .parse::<PinSource>()
+                .unwrap(),
             PinSource::Env("HSM_PIN".into())
         );
         assert_eq!(
-            "file:/run/pin".parse::<PinSource>().unwrap(),
+            "file:/run/pin"
+                .parse::<PinSource>()
+                .unwrap(),
             PinSource::File("/run/pin".into())
         );
         assert_eq!(
-            "cmd:pass show hsm".parse::<PinSource>().unwrap(),
+            "cmd:pass show hsm"
+                .parse::<PinSource>()
+                .unwrap(),
             PinSource::Command("pass show hsm".into())
         );
-        assert_eq!(
-            "prompt".parse::<PinSource>().unwrap(),
-            PinSource::Prompt
-        );
+        assert_eq!("prompt".parse::<PinSource>().unwrap(), PinSource::Prompt);
     }
 
     #[test]
     fn refuses_bare_pin_without_echoing_it() {
-        let err = "123456".parse::<PinSource>().unwrap_err().to_string();
+        let err = "123456"
+            .parse::<PinSource>()
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("123456"), "{err}");
         assert!(err.contains("env:NAME"), "{err}");
-        let err = "pin:9876".parse::<PinSource>().unwrap_err().to_string();
+        let err = "pin:9876"
+            .parse::<PinSource>()
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("9876"), "{err}");
         assert!("env:".parse::<PinSource>().is_err());
     }
@@ -261,7 +270,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pin");
         fs::write(&path, "12 34\n\n").unwrap();
-        let pin = PinSource::File(path).read("user PIN").unwrap();
+        let pin = PinSource::File(path)
+            .read("user PIN")
+            .unwrap();
         assert_eq!(pin.expose_secret(), "12 34\n");
     }
 
@@ -274,7 +285,11 @@ mod tests {
         let err = PinSource::Command("exit 3".into())
             .read("user PIN")
             .unwrap_err();
-        assert!(err.to_string().contains("exit status: 3"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("exit status: 3"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,67 +2,28 @@
 //!
 //! Each test runs in its own process (cargo nextest) with its own token directory.
 
+// Helpers here panic on failure, like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::SignatureScheme;
 use rustls_hsm::pkcs11::{
-    find_key, find_token, generate_key_pair, BackupPolicy, KeyKind, KeySelector, KeySpec, Module,
+    find_key, find_token, generate_key_pair, BackupPolicy, KeyKind, KeySelector, Module,
 };
 use rustls_hsm::resolver::ServerCertResolver;
 use rustls_hsm::scheme::{sign_message, HashAlg, Method};
 use rustls_hsm::{Error, HsmKey, HsmToken};
 
+use common::keys::{build, guard_file, key, spy_module, token_with_keys};
 use common::tls::{client_config, handshake, openssl_s_client, TestCa, TestServer};
-use common::{TestHsm, TestToken};
+use common::TestHsm;
 
 const TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 const TLS12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
-
-/// A token with keys of the given types, labelled by type; this process uses its store.
-fn token_with_keys(specs: &[&str]) -> (TestHsm, TestToken) {
-    let (hsm, token) = TestHsm::with_token("signer");
-    hsm.use_in_this_process();
-    let built = build(&hsm, &token, |b| b);
-    built
-        .with_session(|session| {
-            for spec in specs {
-                let kind: KeySpec = spec.parse().unwrap();
-                generate_key_pair(session, "signer", spec, kind, None, BackupPolicy::None).unwrap();
-            }
-        })
-        .unwrap();
-    (hsm, token)
-}
-
-fn build(
-    hsm: &TestHsm,
-    token: &TestToken,
-    tweak: impl FnOnce(rustls_hsm::HsmTokenBuilder) -> rustls_hsm::HsmTokenBuilder,
-) -> HsmToken {
-    tweak(
-        HsmToken::builder()
-            .module_path(&hsm.module)
-            .token(token.label.parse().unwrap())
-            .pin(token.pin_source().parse().unwrap())
-            .pin_guard_file(guard_file(hsm)),
-    )
-    .build()
-    .unwrap()
-}
-
-fn guard_file(hsm: &TestHsm) -> PathBuf {
-    hsm.path().join("pin-guard.json")
-}
-
-fn key(token: &HsmToken, label: &str) -> HsmKey {
-    token
-        .key(&KeySelector::label(label))
-        .unwrap()
-}
 
 async fn server_for(ca: &TestCa, keys: &[&HsmKey]) -> TestServer {
     let mut resolver = ServerCertResolver::new();
@@ -436,8 +397,8 @@ fn child_builds_token_once() {
         return;
     }
     let var = |k: &str| std::env::var(k).unwrap();
-    std::env::set_var("PKCS11SPY", common::softhsm_module());
-    std::env::set_var("PKCS11SPY_OUTPUT", var("SPY_LOG"));
+    common::set_process_env("PKCS11SPY", common::softhsm_module());
+    common::set_process_env("PKCS11SPY_OUTPUT", var("SPY_LOG"));
     let built = HsmToken::builder()
         .module_path(spy_module())
         .token("signer".parse().unwrap())
@@ -455,17 +416,6 @@ fn child_builds_token_once() {
             std::process::exit(1);
         }
     }
-}
-
-fn spy_module() -> PathBuf {
-    [
-        "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
-        "/usr/lib/aarch64-linux-gnu/pkcs11/pkcs11-spy.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("OpenSC's pkcs11-spy.so (Debian package opensc-pkcs11)")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

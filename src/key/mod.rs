@@ -168,37 +168,52 @@ impl HsmKey {
                 return Err(e);
             }
         };
-        let result = self.sign_on(flight.live(), scheme, message);
+        let live = flight.live();
+        let mut result = self.sign_verified(live, scheme, message);
+        if matches!(result, Err(Error::Verify { .. })) {
+            // A handle that names another object now (the module was re-initialised behind
+            // our back, say) signs with the wrong key: find the key again and try once more.
+            self.forget_handle(live.generation);
+            pool.stats.retry();
+            result = self.sign_verified(live, scheme, message);
+        }
         drop(flight);
-        let signature = match result {
-            Ok(signature) => signature,
-            Err(e) => {
-                let outcome = match e {
-                    Error::Busy { .. } | Error::Unavailable { .. } => Outcome::Refused,
-                    _ => Outcome::Failed,
-                };
-                pool.stats.signature(scheme, outcome);
-                return Err(e);
-            }
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(Error::Busy { .. } | Error::Unavailable { .. }) => Outcome::Refused,
+            Err(Error::Verify { .. }) => Outcome::VerifyFailed,
+            Err(_) => Outcome::Failed,
         };
+        pool.stats.signature(scheme, outcome);
+        result
+    }
+
+    /// Signs, then verifies in software unless switched off; a failed check withholds the
+    /// signature.
+    fn sign_verified(
+        &self,
+        live: &Arc<Live>,
+        scheme: SignatureScheme,
+        message: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let signature = self.sign_on(live, scheme, message)?;
         if self.inner.verify_before_release {
             if let Err(source) = self
                 .inner
                 .verifier
                 .verify(scheme, message, &signature)
             {
-                pool.stats
-                    .signature(scheme, Outcome::VerifyFailed);
-                pool.stats.error("verify_failed");
+                self.inner
+                    .pool
+                    .stats
+                    .error("verify_failed");
                 return Err(Error::Verify {
-                    token: pool.name.clone(),
+                    token: self.inner.pool.name.clone(),
                     key: self.describe(),
                     source,
                 });
             }
         }
-        pool.stats
-            .signature(scheme, Outcome::Ok);
         Ok(signature)
     }
 

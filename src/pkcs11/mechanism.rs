@@ -43,7 +43,10 @@ impl MechanismList {
             }
         }
         for mechanism in PROBED_UNLISTED {
-            if list.infos.contains_key(&mech_number(mechanism)) {
+            if list
+                .infos
+                .contains_key(&mech_number(mechanism))
+            {
                 continue;
             }
             if let Ok(info) = ctx.get_mechanism_info(slot, mechanism) {

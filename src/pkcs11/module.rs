@@ -56,7 +56,10 @@ impl Module {
         let mut registry = registry()
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(inner) = registry.get(&canonical).and_then(Weak::upgrade) {
+        if let Some(inner) = registry
+            .get(&canonical)
+            .and_then(Weak::upgrade)
+        {
             return Ok(Self { inner });
         }
         check_shared_object(&canonical)?;
@@ -105,7 +108,9 @@ impl Module {
     ///
     /// Sessions and object handles obtained under another generation must not be used.
     pub fn generation(&self) -> u64 {
-        self.inner.generation.load(Ordering::Acquire)
+        self.inner
+            .generation
+            .load(Ordering::Acquire)
     }
 
     /// Finalizes and initialises the module again, the only cure for some faults.
@@ -145,7 +150,9 @@ impl Module {
                 }
             }
         }
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        self.inner
+            .generation
+            .fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -160,7 +167,11 @@ impl Module {
 
 impl Inner {
     fn finalize_once(&self) -> Result<(), Error> {
-        if !self.ours || self.finalized.swap(true, Ordering::AcqRel) {
+        if !self.ours
+            || self
+                .finalized
+                .swap(true, Ordering::AcqRel)
+        {
             return Ok(());
         }
         match self.ctx.clone().finalize() {
@@ -358,6 +369,8 @@ mod tests {
     #[test]
     fn missing_file_names_the_path() {
         let err = Module::load("/nonexistent/libnothing.so").unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/libnothing.so"));
+        assert!(err
+            .to_string()
+            .contains("/nonexistent/libnothing.so"));
     }
 }

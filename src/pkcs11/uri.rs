@@ -55,7 +55,10 @@ impl Pkcs11Uri {
 
     /// Formats a URI naming a key on a token, percent-encoding as RFC 7512 requires.
     pub fn for_object(token: &str, serial: &str, label: &str, id: &[u8], class: &str) -> String {
-        let id: String = id.iter().map(|b| format!("%{b:02X}")).collect();
+        let id: String = id
+            .iter()
+            .map(|b| format!("%{b:02X}"))
+            .collect();
         format!(
             "pkcs11:token={};serial={};object={};id={id};type={class}",
             encode(token),
@@ -76,10 +79,15 @@ impl FromStr for Pkcs11Uri {
         let rest = s
             .strip_prefix("pkcs11:")
             .ok_or_else(|| bad("it does not start with `pkcs11:`".into()))?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (path, query) = rest
+            .split_once('?')
+            .unwrap_or((rest, ""));
         let mut uri = Self::default();
 
-        for attr in path.split(';').filter(|a| !a.is_empty()) {
+        for attr in path
+            .split(';')
+            .filter(|a| !a.is_empty())
+        {
             let (name, value) = attr
                 .split_once('=')
                 .ok_or_else(|| bad(format!("path attribute `{attr}` has no `=`")))?;
@@ -103,14 +111,22 @@ impl FromStr for Pkcs11Uri {
                     uri.slot_id = Some(id);
                 }
                 // Library attributes describe the module, which is loaded by path anyway.
-                "library-manufacturer" | "library-description" | "library-version"
-                | "slot-description" | "slot-manufacturer" => {}
+                "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer" => {}
                 _ => return Err(bad(format!("unknown path attribute `{name}`"))),
             }
         }
 
-        for attr in query.split('&').filter(|a| !a.is_empty()) {
-            let (name, value) = attr.split_once('=').unwrap_or((attr, ""));
+        for attr in query
+            .split('&')
+            .filter(|a| !a.is_empty())
+        {
+            let (name, value) = attr
+                .split_once('=')
+                .unwrap_or((attr, ""));
             let value = percent_decode_str(value)
                 .decode_utf8()
                 .map_err(|_| bad(format!("`{name}` is not UTF-8 after percent-decoding")))?
@@ -194,8 +210,12 @@ mod tests {
 
     #[test]
     fn refuses_unknown_attributes_and_bad_slot_ids() {
-        assert!("pkcs11:tokn=a".parse::<Pkcs11Uri>().is_err());
-        assert!("pkcs11:slot-id=x".parse::<Pkcs11Uri>().is_err());
+        assert!("pkcs11:tokn=a"
+            .parse::<Pkcs11Uri>()
+            .is_err());
+        assert!("pkcs11:slot-id=x"
+            .parse::<Pkcs11Uri>()
+            .is_err());
         assert!("token=a".parse::<Pkcs11Uri>().is_err());
     }
 

@@ -33,7 +33,7 @@ pub use login::LockoutPolicy;
 /// How a return code is handled.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub(crate) enum Fault {
-    /// The key handle is void: find the key again, then retry once.
+    /// The key handle is void or names another object: find the key again, retry once.
     Handle,
     /// Not logged in: log in once, then retry once.
     Login,
@@ -54,7 +54,12 @@ impl Fault {
             | RvError::SessionClosed
             | RvError::OperationActive
             | RvError::OperationNotInitialized => Self::Session,
-            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Self::Handle,
+            // A key checked at load to be a signing key of this type that is suddenly of another
+            // type, or may not sign, means the handle now names another object.
+            RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid
+            | RvError::KeyTypeInconsistent
+            | RvError::KeyFunctionNotPermitted => Self::Handle,
             RvError::UserNotLoggedIn => Self::Login,
             RvError::DeviceRemoved
             | RvError::DeviceError

@@ -25,7 +25,7 @@ pub enum HashAlg {
 
 impl HashAlg {
     /// Digest length in bytes (also the PSS salt length used).
-    pub fn len(self) -> usize {
+    pub fn output_len(self) -> usize {
         match self {
             Self::Sha256 => 32,
             Self::Sha384 => 48,

@@ -93,7 +93,7 @@ pub(crate) fn mechanism_for(method: Method) -> Mechanism<'static> {
             HashAlg::Sha384 => PkcsMgfType::MGF1_SHA384,
             HashAlg::Sha512 => PkcsMgfType::MGF1_SHA512,
         },
-        s_len: (h.len() as u64).into(),
+        s_len: (h.output_len() as u64).into(),
     };
     match method {
         Method::EcdsaDigest(_) => Mechanism::Ecdsa,

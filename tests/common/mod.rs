@@ -159,6 +159,17 @@ impl TestHsm {
     }
 }
 
+/// Sets an environment variable of this test process, for modules that read their settings
+/// at `C_Initialize` (SoftHSM, pkcs11-spy). Safe only with one process per test (nextest),
+/// before other threads start.
+pub fn set_process_env(key: &str, value: impl AsRef<std::ffi::OsStr>) {
+    assert!(
+        std::env::var_os("NEXTEST").is_some() || std::env::var_os("RUSTLS_HSM_CHILD").is_some(),
+        "in-process HSM tests need one process per test: run them with cargo nextest"
+    );
+    std::env::set_var(key, value);
+}
+
 /// A random 8-digit PIN.
 pub fn random_pin() -> String {
     let mut bytes = [0u8; 8];
@@ -180,4 +191,5 @@ pub fn text(out: &Output) -> String {
 }
 
 pub mod cli;
+pub mod keys;
 pub mod tls;
