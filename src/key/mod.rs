@@ -9,7 +9,7 @@ use std::time::Instant;
 use rustls::pki_types::{CertificateDer, SubjectPublicKeyInfoDer};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
-use tracing::debug;
+use tracing::{debug, debug_span, trace};
 
 use crate::pkcs11::{find_key, rv_name, rv_of, spki_fingerprint, KeyKind, KeySelector};
 use crate::pool::{Fault, Live, TokenPool};
@@ -169,6 +169,13 @@ impl HsmKey {
             }
         };
         let live = flight.live();
+        let _span = debug_span!(
+            "sign",
+            token = %live.token.label,
+            key = %self.inner.label,
+            scheme = %scheme_name(scheme)
+        )
+        .entered();
         let mut result = self.sign_verified(live, scheme, message);
         if matches!(result, Err(Error::Verify { .. })) {
             // A handle that names another object now (the module was re-initialised behind
@@ -232,7 +239,15 @@ impl HsmKey {
             let mut checkout = pool.checkout(live)?;
             let started = Instant::now();
             let result = sign_message(&checkout.session, handle, self.inner.kind, method, message);
-            pool.stats.latency(started.elapsed());
+            let took = started.elapsed();
+            pool.stats.latency(took);
+            trace!(
+                key = %self.inner.label,
+                mechanism = %method.mechanism(),
+                ok = result.is_ok(),
+                micros = took.as_micros() as u64,
+                "C_Sign"
+            );
             let err = match result {
                 Ok(signature) => return Ok(signature),
                 Err(err) => err,
