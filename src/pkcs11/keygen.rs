@@ -127,13 +127,7 @@ pub fn import_private_key(
     id: Option<Vec<u8>>,
     pem: &str,
 ) -> Result<KeyObject, Error> {
-    refuse_duplicates(session, token_label, label, id.as_deref())?;
-    let id = match id {
-        Some(id) => id,
-        None => session
-            .generate_random_vec(16)
-            .map_err(Error::pkcs11("draw a random CKA_ID"))?,
-    };
+    let id = new_identity(session, token_label, label, id)?;
     let material = KeyMaterial::from_pem(pem)?;
     let mut public = public_template(label, &id, true);
     let mut private = private_template(label, &id, BackupPolicy::None, true);
@@ -175,13 +169,7 @@ fn generate(
     policy: BackupPolicy,
     on_token: bool,
 ) -> Result<KeyObject, Error> {
-    refuse_duplicates(session, token_label, label, id.as_deref())?;
-    let id = match id {
-        Some(id) => id,
-        None => session
-            .generate_random_vec(16)
-            .map_err(Error::pkcs11("draw a random CKA_ID"))?,
-    };
+    let id = new_identity(session, token_label, label, id)?;
     let (mechanism, public_params) = match spec.0 {
         KeyKind::Ec(curve) => (
             Mechanism::EccKeyPairGen,
@@ -216,6 +204,23 @@ fn generate(
         destroy_pair(session, private_handle, Some(public_handle));
     }
     checked
+}
+
+/// Checks that no private key has `label` (or `id`), and draws a random 16-byte id from the
+/// token when none is given.
+fn new_identity(
+    session: &Session,
+    token_label: &str,
+    label: &str,
+    id: Option<Vec<u8>>,
+) -> Result<Vec<u8>, Error> {
+    refuse_duplicates(session, token_label, label, id.as_deref())?;
+    match id {
+        Some(id) => Ok(id),
+        None => session
+            .generate_random_vec(16)
+            .map_err(Error::pkcs11("draw a random CKA_ID")),
+    }
 }
 
 fn refuse_duplicates(

@@ -340,19 +340,7 @@ pub fn init_token(
         .map_err(Error::pkcs11("initialise token (C_InitToken)"))?;
     // SoftHSM moves the token to a new slot: find it again by label.
     let token = find_token(module, &TokenSelector::Label(label.to_owned()))?;
-    let session = ctx
-        .open_rw_session(token.slot)
-        .map_err(Error::pkcs11("open session"))?;
-    session
-        .login(UserType::So, Some(so_pin))
-        .map_err(Error::pkcs11("log in as security officer"))?;
-    session
-        .init_pin(user_pin)
-        .map_err(Error::pkcs11("set the user PIN (C_InitPIN)"))?;
-    session
-        .logout()
-        .map_err(Error::pkcs11("log out"))?;
-    drop(session);
+    set_user_pin_as_so(module, token.slot, so_pin, user_pin)?;
     find_token(module, &TokenSelector::Label(label.to_owned()))
 }
 
@@ -388,15 +376,25 @@ pub fn unlock_user_pin(
     new_user_pin: &SecretString,
 ) -> Result<(), Error> {
     refuse_if_locked(module, token, UserType::So)?;
+    set_user_pin_as_so(module, token.slot, so_pin, new_user_pin)
+}
+
+/// Sets the user PIN in a security-officer session (`C_InitPIN`).
+fn set_user_pin_as_so(
+    module: &Module,
+    slot: Slot,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<(), Error> {
     let session = module
         .context()
-        .open_rw_session(token.slot)
+        .open_rw_session(slot)
         .map_err(Error::pkcs11("open session"))?;
     session
         .login(UserType::So, Some(so_pin))
         .map_err(Error::pkcs11("log in as security officer"))?;
     session
-        .init_pin(new_user_pin)
+        .init_pin(user_pin)
         .map_err(Error::pkcs11("set the user PIN (C_InitPIN)"))?;
     session
         .logout()
