@@ -6,7 +6,8 @@
 //! - [`scheme`]: which TLS signature schemes a key on a token can serve, and how each is signed;
 //! - [`pool`]: sessions, login and the PIN lockout guard, and recovery from token faults;
 //! - [`pkcs11`]: modules, tokens and key objects;
-//! - [`pin`]: where PINs come from.
+//! - [`pin`]: where PINs come from;
+//! - [`backup`]: key backup and restore by wrapping under a key-encryption key on the token.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -31,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backup;
 pub mod cert;
 mod error;
 mod key;

@@ -25,6 +25,7 @@ pub use keys::{
     find_key, list_keys, public_key_spki, spki_fingerprint, spki_of_certificate, Curve, KeyKind,
     KeyObject, KeySelector, ObjectClassName,
 };
+pub(crate) use keys::{kind_of_spki, read_key};
 pub use login::login_user;
 pub use mechanism::{mechanism_flags, MechanismList};
 pub use module::{Module, MODULE_ENV};

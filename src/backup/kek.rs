@@ -1,0 +1,483 @@
+//! The key-encryption key (KEK): an AES-256 key on the token that wraps private keys for backup.
+//!
+//! A KEK is sensitive, never extractable, wrap/unwrap only, trusted and private. PKCS#11 lets
+//! only the security officer set `CKA_TRUSTED`, and the SO cannot create or see private objects
+//! (SoftHSM answers `CKR_USER_NOT_LOGGED_IN`). So the SO makes the KEK as a public *session*
+//! object, which only this process can see and which vanishes with its session; the user then
+//! copies it (`C_CopyObject`) into a private token object that can no longer be modified, and the
+//! session object is destroyed. Every attribute is read back afterwards.
+
+use std::fmt;
+use std::str::FromStr;
+
+use aes::cipher::{BlockEncrypt, KeyInit};
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use secrecy::SecretString;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::Error;
+use crate::pkcs11::{self, login_user, rv_of, Module, PinState, Token};
+
+/// The KEK length in bytes: AES-256.
+pub const KEK_LEN: usize = 32;
+
+/// A key check value: the first 3 bytes of AES-ECB encryption of a zero block under the key.
+///
+/// This is the common KCV of payment HSMs and `CKA_CHECK_VALUE` (PKCS#11 3.0 §4.10). It lets
+/// custodians confirm two tokens hold the same key without revealing it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct CheckValue(pub [u8; 3]);
+
+impl CheckValue {
+    /// Computes the check value of an AES-256 key in software.
+    pub fn of_aes256(key: &[u8; KEK_LEN]) -> Self {
+        let cipher = aes::Aes256::new(key.into());
+        let mut block = aes::Block::default();
+        cipher.encrypt_block(&mut block);
+        Self([block[0], block[1], block[2]])
+    }
+}
+
+impl fmt::Display for CheckValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl FromStr for CheckValue {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = hex::decode(s).map_err(|_| format!("check value `{s}` is not hexadecimal"))?;
+        let bytes: [u8; 3] = bytes
+            .try_into()
+            .map_err(|_| format!("check value `{s}` is not 3 bytes"))?;
+        Ok(Self(bytes))
+    }
+}
+
+/// A KEK found on a token, with the attributes that decide whether it may be used.
+#[derive(Clone, Debug)]
+pub struct KekObject {
+    /// The object's handle in the current module generation.
+    pub handle: ObjectHandle,
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// `CKA_CHECK_VALUE`, when the token offers it.
+    pub check_value: Option<CheckValue>,
+    /// `CKA_KEY_TYPE` is `CKK_AES` and `CKA_VALUE_LEN` is 32.
+    pub is_aes256: bool,
+    /// `CKA_TRUSTED`.
+    pub trusted: bool,
+    /// `CKA_PRIVATE`.
+    pub private: bool,
+    /// `CKA_SENSITIVE`.
+    pub sensitive: bool,
+    /// `CKA_EXTRACTABLE`.
+    pub extractable: bool,
+    /// `CKA_WRAP`.
+    pub wrap: bool,
+    /// `CKA_UNWRAP`.
+    pub unwrap: bool,
+    /// `CKA_ENCRYPT` or `CKA_DECRYPT`: such a key could decrypt wrapped keys block by block.
+    pub encrypt_or_decrypt: bool,
+    /// `CKA_MODIFIABLE`.
+    pub modifiable: bool,
+}
+
+impl KekObject {
+    /// Refuses a KEK that must not wrap a key for backup: untrusted, not AES-256, not wrap-only.
+    pub fn check_for_wrap(&self, token: &Token) -> Result<(), Error> {
+        self.check_common(token)?;
+        if !self.wrap {
+            return Err(self.unfit(token, "CKA_WRAP=false: it cannot wrap keys"));
+        }
+        if !self.trusted {
+            return Err(self.unfit(
+                token,
+                "CKA_TRUSTED=false: keys generated with backup policy wrap-with-trusted can be \
+                 wrapped only under a key the security officer marked trusted; make the KEK with \
+                 `rustls-hsm kek create`, `kek ceremony` or `kek import`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a KEK that cannot unwrap a backup.
+    pub fn check_for_unwrap(&self, token: &Token) -> Result<(), Error> {
+        self.check_common(token)?;
+        if !self.unwrap {
+            return Err(self.unfit(token, "CKA_UNWRAP=false: it cannot unwrap keys"));
+        }
+        Ok(())
+    }
+
+    fn check_common(&self, token: &Token) -> Result<(), Error> {
+        if !self.is_aes256 {
+            return Err(self.unfit(token, "it is not an AES-256 key"));
+        }
+        if !self.sensitive || self.extractable {
+            return Err(self.unfit(
+                token,
+                "it is extractable or not sensitive, so its value could leave the token",
+            ));
+        }
+        if self.encrypt_or_decrypt {
+            return Err(self.unfit(
+                token,
+                "CKA_ENCRYPT or CKA_DECRYPT is set, so it could decrypt wrapped keys block by \
+                 block; a KEK must be wrap/unwrap only",
+            ));
+        }
+        Ok(())
+    }
+
+    fn unfit(&self, token: &Token, reason: &str) -> Error {
+        Error::KekUnfit {
+            label: self.label.clone(),
+            token: token.describe(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// The check value as text, or a word saying the token does not give one.
+    pub fn check_value_text(&self) -> String {
+        self.check_value.map_or_else(
+            || "unavailable (the token has no CKA_CHECK_VALUE)".into(),
+            |v| v.to_string(),
+        )
+    }
+}
+
+/// Finds the one secret key labelled `label` and reads its attributes.
+///
+/// `logged_in` says whether `session` is logged in: a KEK is a private object, invisible
+/// otherwise, and the error says so.
+pub fn find_kek(
+    session: &Session,
+    token: &Token,
+    label: &str,
+    logged_in: bool,
+) -> Result<KekObject, Error> {
+    let handles = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(pkcs11::Error::pkcs11("find key-encryption keys"))?;
+    let not_found = |reason: String| Error::KekNotFound {
+        label: label.to_owned(),
+        token: token.describe(),
+        reason,
+    };
+    match handles.as_slice() {
+        [handle] => read_kek(session, *handle),
+        [] if logged_in => Err(not_found(
+            "there is none; make one with `rustls-hsm kek create`, `kek ceremony` or `kek import`"
+                .into(),
+        )),
+        [] => Err(not_found(
+            "the session is not logged in, and a KEK is a private object".into(),
+        )),
+        many => Err(not_found(format!(
+            "{} secret keys carry this label; KEK labels must be unique",
+            many.len()
+        ))),
+    }
+}
+
+/// Creates a KEK on the token: generated there (`value` = `None`) or imported from `value`.
+///
+/// The user logs in first to check that no secret key has the label; the security officer then
+/// makes the KEK as a public session object with `CKA_TRUSTED=true`, and the user copies it into
+/// a private token object with `CKA_MODIFIABLE=false` and destroys the session object. The new
+/// KEK's attributes are read back, and with an imported value its `CKA_CHECK_VALUE` (where the
+/// token gives one) must match the check value computed here; a KEK failing a check is
+/// destroyed. PINs locked or on their final try are not tried.
+pub fn create_kek(
+    module: &Module,
+    token: &Token,
+    user_pin: &SecretString,
+    so_pin: &SecretString,
+    label: &str,
+    value: Option<&Zeroizing<[u8; KEK_LEN]>>,
+) -> Result<KekObject, Error> {
+    if label.is_empty() {
+        return Err(Error::Refused(
+            "a key-encryption key needs a non-empty label".into(),
+        ));
+    }
+    let user = login_user(module, token, user_pin)?;
+    refuse_existing(&user, token, label)?;
+    logout(&user)?;
+    drop(user);
+
+    let so = login_so(module, token, so_pin)?;
+    let temporary = make_session_kek(&so, label, value)?;
+    logout(&so)?;
+
+    let user = login_user(module, token, user_pin)?;
+    let copied = user
+        .copy_object(
+            temporary,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+            ],
+        )
+        .map_err(pkcs11::Error::pkcs11(
+            "copy the new KEK into a private token object (C_CopyObject)",
+        ))?;
+    if let Err(e) = user.destroy_object(temporary) {
+        tracing::debug!(error = %e, "the KEK's session object goes with its session instead");
+    }
+    drop(so);
+
+    let checked = read_kek(&user, copied).and_then(|kek| {
+        check_created(&kek, token, value)?;
+        Ok(kek)
+    });
+    if checked.is_err() {
+        if let Err(e) = user.destroy_object(copied) {
+            tracing::warn!(error = %e, "could not destroy a rejected key-encryption key");
+        }
+    }
+    checked
+}
+
+/// Opens a read-write session and logs the security officer in, unless the SO PIN is locked or
+/// on its final try.
+fn login_so(module: &Module, token: &Token, so_pin: &SecretString) -> Result<Session, Error> {
+    let info = token.refresh(module)?;
+    let refusal = match PinState::so(&info) {
+        PinState::Locked => Some("the SO PIN is locked"),
+        PinState::FinalTry => Some(
+            "the SO PIN is on its final try and a wrong PIN would lock it; leave the last try to \
+             a person",
+        ),
+        PinState::CountLow | PinState::Ok => None,
+    };
+    if let Some(reason) = refusal {
+        return Err(pkcs11::Error::LoginRefused {
+            token: token.describe(),
+            reason,
+        }
+        .into());
+    }
+    let session = module
+        .context()
+        .open_rw_session(token.slot)
+        .map_err(pkcs11::Error::pkcs11("open a read-write session"))?;
+    session
+        .login(UserType::So, Some(so_pin))
+        .map_err(pkcs11::Error::pkcs11("log in as security officer"))?;
+    Ok(session)
+}
+
+fn logout(session: &Session) -> Result<(), Error> {
+    match session.logout() {
+        Ok(()) => Ok(()),
+        Err(e) if rv_of(&e) == Some(RvError::UserNotLoggedIn) => Ok(()),
+        Err(e) => Err(pkcs11::Error::pkcs11("log out")(e).into()),
+    }
+}
+
+fn refuse_existing(session: &Session, token: &Token, label: &str) -> Result<(), Error> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(pkcs11::Error::pkcs11(
+            "look for existing key-encryption keys",
+        ))?;
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::KekExists {
+            label: label.to_owned(),
+            token: token.describe(),
+        })
+    }
+}
+
+/// The SO's public session object: trusted, wrap/unwrap only, gone when the session closes.
+fn make_session_kek(
+    so: &Session,
+    label: &str,
+    value: Option<&Zeroizing<[u8; KEK_LEN]>>,
+) -> Result<ObjectHandle, Error> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Trusted(true),
+    ];
+    let made = match value {
+        None => {
+            template.push(Attribute::ValueLen((KEK_LEN as u64).into()));
+            so.generate_key(&Mechanism::AesKeyGen, &template)
+                .map_err(pkcs11::Error::pkcs11(
+                    "generate the KEK (C_GenerateKey, SO session)",
+                ))
+        }
+        Some(value) => {
+            template.push(Attribute::Value(value.to_vec()));
+            let made = so
+                .create_object(&template)
+                .map_err(pkcs11::Error::pkcs11(
+                    "import the KEK (C_CreateObject, SO session)",
+                ));
+            wipe(&mut template);
+            made
+        }
+    };
+    Ok(made?)
+}
+
+fn check_created(
+    kek: &KekObject,
+    token: &Token,
+    value: Option<&Zeroizing<[u8; KEK_LEN]>>,
+) -> Result<(), Error> {
+    let checks = [
+        ("CKA_PRIVATE", kek.private, true),
+        ("CKA_TRUSTED", kek.trusted, true),
+        ("CKA_SENSITIVE", kek.sensitive, true),
+        ("CKA_EXTRACTABLE", kek.extractable, false),
+        ("CKA_WRAP", kek.wrap, true),
+        ("CKA_UNWRAP", kek.unwrap, true),
+        ("CKA_ENCRYPT or CKA_DECRYPT", kek.encrypt_or_decrypt, false),
+        ("CKA_MODIFIABLE", kek.modifiable, false),
+        ("CKK_AES with CKA_VALUE_LEN 32", kek.is_aes256, true),
+    ];
+    for (name, have, want) in checks {
+        if have != want {
+            return Err(kek.unfit(
+                token,
+                &format!(
+                    "the token did not honour {name}={want} on the new KEK (it reads {have}); \
+                     the KEK was destroyed"
+                ),
+            ));
+        }
+    }
+    if let (Some(value), Some(on_token)) = (value, kek.check_value) {
+        let computed = CheckValue::of_aes256(value);
+        if computed != on_token {
+            return Err(kek.unfit(
+                token,
+                &format!(
+                    "the token reports check value {on_token} for the imported KEK, but its value \
+                     has {computed}; the KEK was destroyed"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn read_kek(session: &Session, handle: ObjectHandle) -> Result<KekObject, Error> {
+    let attrs = session
+        .get_attributes(
+            handle,
+            &[
+                AttributeType::Label,
+                AttributeType::KeyType,
+                AttributeType::ValueLen,
+                AttributeType::CheckValue,
+                AttributeType::Trusted,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Modifiable,
+            ],
+        )
+        .map_err(pkcs11::Error::pkcs11("read the KEK's attributes"))?;
+    let mut kek = KekObject {
+        handle,
+        label: String::new(),
+        check_value: None,
+        is_aes256: false,
+        trusted: false,
+        private: false,
+        sensitive: false,
+        extractable: true,
+        wrap: false,
+        unwrap: false,
+        encrypt_or_decrypt: false,
+        modifiable: true,
+    };
+    let (mut aes, mut len32) = (false, false);
+    for attr in attrs {
+        match attr {
+            Attribute::Label(v) => kek.label = String::from_utf8_lossy(&v).into_owned(),
+            Attribute::KeyType(t) => aes = t == KeyType::AES,
+            Attribute::ValueLen(n) => len32 = u64::from(n) == KEK_LEN as u64,
+            Attribute::CheckValue(v) => {
+                kek.check_value = <[u8; 3]>::try_from(v.as_slice())
+                    .ok()
+                    .map(CheckValue)
+            }
+            Attribute::Trusted(b) => kek.trusted = b,
+            Attribute::Private(b) => kek.private = b,
+            Attribute::Sensitive(b) => kek.sensitive = b,
+            Attribute::Extractable(b) => kek.extractable = b,
+            Attribute::Wrap(b) => kek.wrap = b,
+            Attribute::Unwrap(b) => kek.unwrap = b,
+            Attribute::Encrypt(b) | Attribute::Decrypt(b) => kek.encrypt_or_decrypt |= b,
+            Attribute::Modifiable(b) => kek.modifiable = b,
+            _ => {}
+        }
+    }
+    kek.is_aes256 = aes && len32;
+    Ok(kek)
+}
+
+/// Zeroizes the key value in a template once the token has it.
+fn wipe(template: &mut [Attribute]) {
+    for attr in template {
+        if let Attribute::Value(v) = attr {
+            v.zeroize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_value_is_aes_ecb_of_a_zero_block() {
+        // openssl enc -aes-256-ecb -nopad -K 0707...07 over 16 zero bytes starts 0a4dee.
+        assert_eq!(CheckValue::of_aes256(&[7; 32]).to_string(), "0a4dee");
+        assert_eq!(
+            "0a4dee"
+                .parse::<CheckValue>()
+                .unwrap()
+                .0,
+            [0x0a, 0x4d, 0xee]
+        );
+        assert!("0a4d".parse::<CheckValue>().is_err());
+        assert!("zzzzzz".parse::<CheckValue>().is_err());
+    }
+}

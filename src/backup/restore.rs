@@ -1,0 +1,363 @@
+//! Restoring a backup (`C_UnwrapKey`), and checking one without keeping anything.
+//!
+//! A restore proves itself: the unwrapped key's attributes are read back, it signs a random
+//! message, and the signature must verify in software under the public key in the backup. On
+//! any mismatch the restored objects are destroyed and the restore fails.
+//!
+//! LIMITATION: the KEK carries no `CKA_UNWRAP_TEMPLATE`, because cryptoki 0.12.1 has no
+//! attribute for it (its value is an array of attributes, which cryptoki cannot pass without
+//! unsafe code). What a restored key may do is enforced by the template given here and the
+//! read-back check instead; a holder of the user PIN could still unwrap a backup with a template
+//! of their own that makes the key readable. Closing that needs a cryptoki with nested
+//! attribute arrays and a token that enforces them (SoftHSM 2.6.1 does not check them).
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use der::Encode;
+use rustls::SignatureScheme;
+use spki::DecodePublicKey;
+
+use super::format::Backup;
+use super::kek::{find_kek, CheckValue};
+use super::wrap::{check_mechanism, Op};
+use super::Error;
+use crate::pkcs11::{
+    self, read_key, BackupPolicy, KeyKind, KeyObject, MechanismList, Module, Token,
+};
+use crate::scheme::{scheme_name, sign_message, verify_signature, SchemePlan};
+
+/// What a restore or a verification did.
+#[derive(Clone, Debug)]
+pub struct RestoreReport {
+    /// The restored key as read back (for a verification, the temporary key, now destroyed).
+    pub key: KeyObject,
+    /// The scheme of the test signature that verified under the backup's public key.
+    pub scheme: SignatureScheme,
+    /// The check value of the KEK used.
+    pub kek_check_value: Option<CheckValue>,
+}
+
+impl RestoreReport {
+    /// The test signature's scheme, in TLS's words.
+    pub fn scheme_name(&self) -> String {
+        scheme_name(self.scheme)
+    }
+}
+
+/// Restores `backup` onto the token as a token object with the backup's label and id.
+///
+/// `session` must be logged in as the user. The key is sensitive, may sign and nothing else,
+/// and is non-extractable unless `policy` is wrap-with-trusted, which only a key backed up with
+/// that policy may keep. A key with the same label or id already on the token is refused before
+/// anything is unwrapped, as is a KEK whose check value differs from the backup's.
+pub fn restore_backup(
+    module: &Module,
+    session: &Session,
+    token: &Token,
+    backup: &Backup,
+    kek_label: &str,
+    policy: BackupPolicy,
+) -> Result<RestoreReport, Error> {
+    if policy == BackupPolicy::WrapWithTrusted && backup.policy != BackupPolicy::WrapWithTrusted {
+        return Err(Error::Refused(
+            "the backed-up key did not have backup policy wrap-with-trusted, so the restored \
+             key cannot get it either"
+                .into(),
+        ));
+    }
+    refuse_existing(session, token, backup)?;
+    let target = Target {
+        on_token: true,
+        label: backup.label.clone(),
+        id: backup.id.clone(),
+        policy,
+    };
+    // The restored objects stay: they are the point.
+    let (report, _kept) = unwrap_checked(module, session, token, backup, kek_label, &target)?;
+    Ok(report)
+}
+
+/// Checks that `backup` restores on this token, leaving nothing behind.
+///
+/// The key is unwrapped as a session object (`CKA_TOKEN=false`) under a temporary label and
+/// id, test-signs, is verified under the backup's public key, and is destroyed in every case.
+pub fn verify_backup(
+    module: &Module,
+    session: &Session,
+    token: &Token,
+    backup: &Backup,
+    kek_label: &str,
+) -> Result<RestoreReport, Error> {
+    let id = session
+        .generate_random_vec(16)
+        .map_err(pkcs11::Error::pkcs11("draw a temporary CKA_ID"))?;
+    let target = Target {
+        on_token: false,
+        label: format!("rustls-hsm-backup-verify-{}", hex::encode(&id[..4])),
+        id,
+        policy: BackupPolicy::None,
+    };
+    let (report, objects) = unwrap_checked(module, session, token, backup, kek_label, &target)?;
+    objects.destroy(session)?;
+    Ok(report)
+}
+
+/// Where and how the key is unwrapped.
+struct Target {
+    on_token: bool,
+    label: String,
+    id: Vec<u8>,
+    policy: BackupPolicy,
+}
+
+/// The objects a restore made; destroyed together when a check fails.
+struct Restored {
+    private: ObjectHandle,
+    public: Option<ObjectHandle>,
+}
+
+impl Restored {
+    fn destroy(&self, session: &Session) -> Result<(), Error> {
+        let mut result = Ok(());
+        for handle in self
+            .public
+            .into_iter()
+            .chain([self.private])
+        {
+            if let Err(e) = session.destroy_object(handle) {
+                tracing::warn!(%handle, error = %e, "could not destroy a restored object");
+                result = Err(pkcs11::Error::pkcs11("destroy a restored object")(e).into());
+            }
+        }
+        result
+    }
+}
+
+fn unwrap_checked(
+    module: &Module,
+    session: &Session,
+    token: &Token,
+    backup: &Backup,
+    kek_label: &str,
+    target: &Target,
+) -> Result<(RestoreReport, Restored), Error> {
+    let kek = find_kek(session, token, kek_label, true)?;
+    kek.check_for_unwrap(token)?;
+    if let (Some(expected), Some(found)) = (backup.kek_check_value, kek.check_value) {
+        if expected != found {
+            return Err(Error::WrongKek {
+                label: kek.label,
+                token: token.describe(),
+                expected,
+                found,
+            });
+        }
+    }
+    check_mechanism(module, token, Op::Unwrap)?;
+
+    let private = session
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            kek.handle,
+            &backup.wrapped,
+            &private_template(backup.kind, target),
+        )
+        .map_err(|source| Error::Unwrap {
+            label: kek.label.clone(),
+            source,
+        })?;
+    let mut restored = Restored {
+        private,
+        public: None,
+    };
+    let checked = public_template(backup, target).and_then(|template| {
+        restored.public = Some(
+            session
+                .create_object(&template)
+                .map_err(pkcs11::Error::pkcs11("create the public key object"))?,
+        );
+        check_restored(module, session, token, backup, target, private)
+    });
+    match checked {
+        Ok((key, scheme)) => Ok((
+            RestoreReport {
+                key,
+                scheme,
+                kek_check_value: kek.check_value,
+            },
+            restored,
+        )),
+        Err(e) => {
+            let _ = restored.destroy(session);
+            Err(e)
+        }
+    }
+}
+
+fn check_restored(
+    module: &Module,
+    session: &Session,
+    token: &Token,
+    backup: &Backup,
+    target: &Target,
+    private: ObjectHandle,
+) -> Result<(KeyObject, SignatureScheme), Error> {
+    let fail = |reason: String| Error::RestoreCheck { reason };
+    let key = read_key(session, private)?;
+    let want_extractable = target.policy == BackupPolicy::WrapWithTrusted;
+    let checks = [
+        ("CKA_SENSITIVE", key.sensitive, true),
+        ("CKA_EXTRACTABLE", key.extractable, want_extractable),
+        ("CKA_SIGN", key.sign, true),
+        (
+            "CKA_WRAP_WITH_TRUSTED",
+            key.wrap_with_trusted || !want_extractable,
+            true,
+        ),
+    ];
+    for (name, have, want) in checks {
+        if have != want {
+            return Err(fail(format!(
+                "the token did not honour {name}={want} (it reads {have})"
+            )));
+        }
+    }
+    if key.kind != backup.kind {
+        return Err(fail(format!(
+            "the unwrapped key is {}, the backup says {}",
+            key.kind, backup.kind
+        )));
+    }
+
+    let mechanisms = MechanismList::read(module, token.slot)?;
+    let plan = SchemePlan::for_key(key.kind, &mechanisms);
+    let Some((scheme, method)) = plan.usable().next() else {
+        return Err(fail(format!(
+            "the token offers no mechanism to sign with a {} key",
+            key.kind
+        )));
+    };
+    let mut message = b"rustls-hsm backup check\n".to_vec();
+    message.extend(
+        session
+            .generate_random_vec(32)
+            .map_err(pkcs11::Error::pkcs11("draw a test message"))?,
+    );
+    let signature = sign_message(session, private, key.kind, method, &message)
+        .map_err(|e| fail(format!("the test signature failed: {e}")))?;
+    verify_signature(&backup.spki, scheme, &message, &signature).map_err(|e| {
+        fail(format!(
+            "the unwrapped key's signature does not verify under the backup's public key \
+             ({e}); the file's public key does not belong to the wrapped key"
+        ))
+    })?;
+    Ok((key, scheme))
+}
+
+fn refuse_existing(session: &Session, token: &Token, backup: &Backup) -> Result<(), Error> {
+    let mut probes = vec![(
+        Attribute::Label(backup.label.as_bytes().to_vec()),
+        format!("label `{}`", backup.label),
+    )];
+    if !backup.id.is_empty() {
+        probes.push((
+            Attribute::Id(backup.id.clone()),
+            format!("id {}", hex::encode(&backup.id)),
+        ));
+    }
+    for (attribute, what) in probes {
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let found = session
+                .find_objects(&[Attribute::Class(class), attribute.clone()])
+                .map_err(pkcs11::Error::pkcs11("look for existing keys"))?;
+            if !found.is_empty() {
+                return Err(Error::KeyExists {
+                    what,
+                    token: token.describe(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key_type(kind: KeyKind) -> KeyType {
+    match kind {
+        KeyKind::Ec(_) => KeyType::EC,
+        KeyKind::Ed25519 => KeyType::EC_EDWARDS,
+        KeyKind::Rsa(_) => KeyType::RSA,
+    }
+}
+
+fn private_template(kind: KeyKind, target: &Target) -> Vec<Attribute> {
+    let extractable = target.policy == BackupPolicy::WrapWithTrusted;
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type(kind)),
+        Attribute::Token(target.on_token),
+        Attribute::Private(true),
+        Attribute::Label(target.label.as_bytes().to_vec()),
+        Attribute::Id(target.id.clone()),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(extractable),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ];
+    if extractable {
+        template.push(Attribute::WrapWithTrusted(true));
+    }
+    template
+}
+
+/// The public key object, rebuilt from the backup's SubjectPublicKeyInfo.
+fn public_template(backup: &Backup, target: &Target) -> Result<Vec<Attribute>, Error> {
+    let bad = |reason: String| Error::File {
+        path: "(backup)".into(),
+        reason,
+    };
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(key_type(backup.kind)),
+        Attribute::Token(target.on_token),
+        Attribute::Private(false),
+        Attribute::Label(target.label.as_bytes().to_vec()),
+        Attribute::Id(target.id.clone()),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+    ];
+    match backup.kind {
+        KeyKind::Rsa(_) => {
+            use rsa::traits::PublicKeyParts;
+
+            let key = rsa::RsaPublicKey::from_public_key_der(&backup.spki)
+                .map_err(|e| bad(format!("RSA public key: {e}")))?;
+            template.push(Attribute::Modulus(key.n().to_bytes_be()));
+            template.push(Attribute::PublicExponent(key.e().to_bytes_be()));
+        }
+        KeyKind::Ec(_) | KeyKind::Ed25519 => {
+            let oid = match backup.kind {
+                KeyKind::Ec(curve) => curve.oid(),
+                _ => const_oid::db::rfc8410::ID_ED_25519,
+            };
+            let info = spki::SubjectPublicKeyInfoRef::try_from(backup.spki.as_slice())
+                .map_err(|e| bad(format!("public key: {e}")))?;
+            let point = info
+                .subject_public_key
+                .as_bytes()
+                .ok_or_else(|| bad("the public key has unused bits".into()))?;
+            let encode = |e: der::Error| bad(format!("encoding the public key: {e}"));
+            template.push(Attribute::EcParams(oid.to_der().map_err(encode)?));
+            template.push(Attribute::EcPoint(
+                der::asn1::OctetStringRef::new(point)
+                    .and_then(|o| o.to_der())
+                    .map_err(encode)?,
+            ));
+        }
+    }
+    Ok(template)
+}
