@@ -1,7 +1,9 @@
 //! `rustls-hsm`: the operator's tool for PKCS#11 tokens and the signing keys rustls-hsm uses.
 
+mod backup;
 mod common;
 mod doctor;
+mod kek;
 mod key;
 mod selftest;
 mod token;
@@ -28,8 +30,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Back a key up under a key-encryption key, restore it, or check a backup.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Report the module, its slots and tokens, and the TLS signature schemes they can serve.
     Doctor(doctor::DoctorArgs),
+    /// Make the key-encryption key for backups: on one token, or split among custodians.
+    #[command(subcommand)]
+    Kek(kek::KekCommand),
     /// Generate, import, list, show and delete signing keys.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -74,7 +82,9 @@ fn log_filter() -> EnvFilter {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let module = Module::load_from(cli.global.module.as_deref())?;
     let result = match cli.command {
+        Command::Backup(command) => backup::run(&module, command),
         Command::Doctor(args) => doctor::run(&module, &args),
+        Command::Kek(command) => kek::run(&module, command),
         Command::Key(command) => key::run(&module, command),
         Command::Token(command) => token::run(&module, command),
     };

@@ -1,0 +1,135 @@
+//! `rustls-hsm backup`: back a key up under a KEK, restore it, or check that a backup restores.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use rustls_hsm::backup::{create_backup, restore_backup, verify_backup, Backup, RestoreReport};
+use rustls_hsm::pkcs11::{BackupPolicy, KeySelector, Module};
+
+use crate::common::LoginArgs;
+
+/// The `backup` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum BackupCommand {
+    /// Wrap a key under a trusted KEK into a backup file (0600, never overwritten).
+    Create {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The key: its label, `id:HEX` or a `pkcs11:` URI.
+        #[arg(long)]
+        key: KeySelector,
+        /// The label of the KEK to wrap it under.
+        #[arg(long, value_name = "LABEL")]
+        kek: String,
+        /// The backup file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Restore a backup onto a token, test-sign, and keep it only if the signature verifies.
+    Restore {
+        /// The backup file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// The label of the KEK on this token.
+        #[arg(long, value_name = "LABEL")]
+        kek: String,
+        #[command(flatten)]
+        login: LoginArgs,
+        /// none: the restored key never leaves the token; wrap-with-trusted: it may be backed up
+        /// again (only for keys backed up with that policy).
+        #[arg(long, value_name = "POLICY", default_value = "none")]
+        backup_policy: BackupPolicy,
+    },
+    /// Check a backup: unwrap it as a temporary object, test-sign, verify, destroy.
+    Verify {
+        /// The backup file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// The label of the KEK on this token.
+        #[arg(long, value_name = "LABEL")]
+        kek: String,
+        #[command(flatten)]
+        login: LoginArgs,
+    },
+}
+
+/// Runs a `backup` subcommand.
+pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()> {
+    match command {
+        BackupCommand::Create {
+            login,
+            key,
+            kek,
+            out,
+        } => {
+            let (token, session) = login.login(module)?;
+            let backup = create_backup(module, &session, &token, &key, &kek)?;
+            backup.write(&out)?;
+            println!(
+                "backed up key `{}` (id {}, {}) from token {} to {}",
+                backup.label,
+                hex::encode(&backup.id),
+                backup.kind,
+                token.describe(),
+                out.display()
+            );
+            println!(
+                "wrapped with CKM_AES_KEY_WRAP_PAD under `{}`, check value {}",
+                backup.kek_label,
+                backup
+                    .kek_check_value
+                    .map_or_else(|| "unavailable".into(), |v| v.to_string())
+            );
+            Ok(())
+        }
+        BackupCommand::Restore {
+            input,
+            kek,
+            login,
+            backup_policy,
+        } => {
+            let backup = Backup::read(&input)?;
+            let (token, session) = login.login(module)?;
+            let report = restore_backup(module, &session, &token, &backup, &kek, backup_policy)?;
+            println!(
+                "restored key `{}` (id {}, {}) onto token {}",
+                report.key.label,
+                hex::encode(&report.key.id),
+                report.key.kind,
+                token.describe()
+            );
+            print_check(&report);
+            Ok(())
+        }
+        BackupCommand::Verify { input, kek, login } => {
+            let backup = Backup::read(&input)?;
+            let (token, session) = login.login(module)?;
+            let report = verify_backup(module, &session, &token, &backup, &kek)?;
+            println!(
+                "backup {} of key `{}` (id {}, {}) is good on token {}",
+                input.display(),
+                backup.label,
+                hex::encode(&backup.id),
+                backup.kind,
+                token.describe()
+            );
+            print_check(&report);
+            println!("the temporary objects were destroyed; nothing was left on the token");
+            Ok(())
+        }
+    }
+}
+
+fn print_check(report: &RestoreReport) {
+    println!(
+        "test signature ({}) verified under the backup's public key; KEK check value {}",
+        report.scheme_name(),
+        report
+            .kek_check_value
+            .map_or_else(|| "unavailable".into(), |v| v.to_string())
+    );
+    println!(
+        "  flags: sensitive={}, extractable={}, sign={}",
+        report.key.sensitive, report.key.extractable, report.key.sign
+    );
+}
