@@ -1,6 +1,7 @@
 //! `rustls-hsm`: the operator's tool for PKCS#11 tokens and the signing keys rustls-hsm uses.
 
 mod backup;
+mod cert;
 mod common;
 mod doctor;
 mod kek;
@@ -33,6 +34,9 @@ enum Command {
     /// Back a key up under a key-encryption key, restore it, or check a backup.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Make self-signed certificates, CSRs and CA-issued certificates signed on the token.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
     /// Report the module, its slots and tokens, and the TLS signature schemes they can serve.
     Doctor(doctor::DoctorArgs),
     /// Make the key-encryption key for backups: on one token, or split among custodians.
@@ -83,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let module = Module::load_from(cli.global.module.as_deref())?;
     let result = match cli.command {
         Command::Backup(command) => backup::run(&module, command),
+        Command::Cert(command) => cert::run(&module, command),
         Command::Doctor(args) => doctor::run(&module, &args),
         Command::Kek(command) => kek::run(&module, command),
         Command::Key(command) => key::run(&module, command),
