@@ -156,13 +156,21 @@ pub(crate) fn run(module: &Module, command: CertCommand) -> anyhow::Result<()> {
         } => with_token(module, &login, |token| {
             let key = token.key(&key)?;
             let request = cert::csr(&key, &names.subject, &names.sans)?;
-            emit(out.as_deref(), &cert::csr_to_pem(&request), "certificate request")
+            emit(
+                out.as_deref(),
+                &cert::csr_to_pem(&request),
+                "certificate request",
+            )
         }),
         CertCommand::Export { login, key, out } => with_token(module, &login, |token| {
             let key = token.key(&key)?;
             let chain =
                 token.with_session(|session| cert::load_chain(session, key.id(), key.spki()))??;
-            emit(out.as_deref(), &cert::chain_to_pem(&chain), "certificate chain")
+            emit(
+                out.as_deref(),
+                &cert::chain_to_pem(&chain),
+                "certificate chain",
+            )
         }),
         CertCommand::Issue(args) => with_token(module, &args.login, |token| issue(token, &args)),
         CertCommand::SelfSigned {
@@ -195,8 +203,8 @@ fn issue(token: &HsmToken, args: &IssueArgs) -> anyhow::Result<()> {
         if args.output.store_on_token {
             bail!("--store-on-token needs --key: a CSR's key is not on this token");
         }
-        let request = cert::csr_from_pem(&read(path)?)
-            .with_context(|| format!("in {}", path.display()))?;
+        let request =
+            cert::csr_from_pem(&read(path)?).with_context(|| format!("in {}", path.display()))?;
         let issued = cert::issue_from_csr(&ca_key, &ca_cert, &request, usage, args.usage.days)?;
         return emit(
             args.output.out.as_deref(),
