@@ -452,6 +452,34 @@ fn operator_certificates_serve_keys_named_on_the_command_line() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn example_certificate_script_makes_certificates_openssl_accepts() -> TestResult {
+    let dir = TempDir::new()?;
+    let out_dir = dir.path().join("out");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/make-example-certs.sh");
+    for run in ["first", "second"] {
+        let out = Command::new(&script)
+            .arg("--out")
+            .arg(&out_dir)
+            .env("RUSTLS_HSM_BIN", env!("CARGO_BIN_EXE_rustls-hsm"))
+            .env("RUSTLS_HSM_MODULE", common::softhsm_module())
+            .env_remove("SOFTHSM2_CONF")
+            .output()?;
+        let shown = text(&out);
+        assert!(out.status.success(), "{run} run: {shown}");
+        // Keys are made once and reused.
+        assert_eq!(
+            shown.contains("generated key"),
+            run == "first",
+            "{run} run: {shown}"
+        );
+        for file in ["server-ec.pem", "server-rsa.pem", "client.pem"] {
+            assert!(shown.contains(&format!("{file}: OK")), "{run} run: {shown}");
+        }
+    }
+    Ok(())
+}
+
 /// A running example server, killed when dropped.
 struct Server {
     child: Child,
