@@ -91,10 +91,6 @@ pub struct KekObject {
 impl KekObject {
     /// Refuses a KEK that must not wrap a key for backup: untrusted, not AES-256, not wrap-only.
     pub fn check_for_wrap(&self, token: &Token) -> Result<(), Error> {
-        self.check_common(token)?;
-        if !self.wrap {
-            return Err(self.unfit(token, "CKA_WRAP=false: it cannot wrap keys"));
-        }
         if !self.trusted {
             return Err(self.unfit(
                 token,
@@ -102,6 +98,10 @@ impl KekObject {
                  wrapped only under a key the security officer marked trusted; make the KEK with \
                  `rustls-hsm kek create`, `kek ceremony` or `kek import`",
             ));
+        }
+        self.check_common(token)?;
+        if !self.wrap {
+            return Err(self.unfit(token, "CKA_WRAP=false: it cannot wrap keys"));
         }
         Ok(())
     }

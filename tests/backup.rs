@@ -1,0 +1,578 @@
+//! Key backup and restore against real SoftHSM tokens: two token stores are two HSMs, A and B.
+//!
+//! A's steps run through the `rustls-hsm` binary; in-process checks use one store per test
+//! process (SoftHSM reads `SOFTHSM2_CONF` once), so each test runs in its own process (nextest).
+
+// Helpers here panic on failure, like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use rustls::SignatureScheme;
+use rustls_hsm::backup::{find_kek, Backup};
+use rustls_hsm::pkcs11::{find_token, login_user, Module, TokenSelector};
+use rustls_hsm::resolver::ServerCertResolver;
+use rustls_hsm::scheme::verify_signature;
+
+use common::cli::{fails, ok, tool_ok};
+use common::keys::{build, key, spy_module};
+use common::tls::{client_config, handshake, TestCa, TestServer};
+use common::{TestHsm, TestToken};
+
+const KEK: &str = "backup-kek";
+
+/// One HSM: a token store with one token.
+struct Hsm {
+    hsm: TestHsm,
+    token: TestToken,
+}
+
+impl Hsm {
+    fn new(label: &str) -> Self {
+        let (hsm, token) = TestHsm::with_token(label);
+        Self { hsm, token }
+    }
+
+    /// `rustls-hsm ARGS --token T --pin P`.
+    fn cli(&self, args: &[&str]) -> std::process::Command {
+        self.hsm.cli_login(&self.token, args)
+    }
+
+    /// `rustls-hsm ARGS --token T --pin P --so-pin S`.
+    fn cli_so(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = self.cli(args);
+        cmd.args(["--so-pin", &self.token.so_pin_source()]);
+        cmd
+    }
+
+    fn dir(&self) -> &Path {
+        self.hsm.path()
+    }
+
+    fn generate(&self, label: &str, policy: &str) {
+        ok(self.cli(&[
+            "key",
+            "generate",
+            "--label",
+            label,
+            "--type",
+            "ec:p256",
+            "--backup-policy",
+            policy,
+        ]));
+    }
+
+    /// The key's SubjectPublicKeyInfo, from `key show`.
+    fn spki(&self, label: &str) -> Vec<u8> {
+        let out = ok(self.cli(&["key", "show", label]));
+        let pem = &out[out.find("-----BEGIN").unwrap()..];
+        der::pem::decode_vec(pem.as_bytes())
+            .unwrap()
+            .1
+    }
+
+    /// How many objects pkcs11-tool (an independent client) sees after logging in.
+    fn object_count(&self) -> usize {
+        let listing = tool_ok(self.hsm.pkcs11_tool(&[
+            "--token-label",
+            &self.token.label,
+            "--login",
+            "--pin",
+            &self.token.user_pin(),
+            "--list-objects",
+        ]));
+        listing
+            .lines()
+            .filter(|l| !l.starts_with(' ') && l.to_lowercase().contains(" object"))
+            .count()
+    }
+
+    fn backup(&self, key: &str, kek: &str, out: &Path) -> std::process::Command {
+        self.cli(&[
+            "backup",
+            "create",
+            "--key",
+            key,
+            "--kek",
+            kek,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    }
+
+    fn restore(&self, file: &Path, kek: &str) -> std::process::Command {
+        self.cli(&[
+            "backup",
+            "restore",
+            "--in",
+            file.to_str().unwrap(),
+            "--kek",
+            kek,
+        ])
+    }
+}
+
+/// The check value a `kek` command printed.
+fn check_value(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("check value: "))
+        .unwrap_or_else(|| panic!("no check value in:\n{stdout}"))
+        .to_owned()
+}
+
+/// A 2-of-3 ceremony on `a`, writing shares into `a`'s directory; returns the check value and
+/// the share files.
+fn ceremony(a: &Hsm, shares: &str, threshold: &str) -> (String, Vec<PathBuf>) {
+    let out_dir = a.dir().join("shares");
+    let stdout = ok(a.cli_so(&[
+        "kek",
+        "ceremony",
+        "--label",
+        KEK,
+        "--shares",
+        shares,
+        "--threshold",
+        threshold,
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]));
+    let mut files: Vec<PathBuf> = fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    (check_value(&stdout), files)
+}
+
+fn import(b: &Hsm, shares: &[&PathBuf]) -> std::process::Command {
+    let mut cmd = b.cli_so(&["kek", "import", "--label", KEK]);
+    for share in shares {
+        cmd.arg("--share").arg(share);
+    }
+    cmd
+}
+
+/// HSM A with a ceremony KEK and a wrap-with-trusted key `tls` backed up; HSM B with the KEK
+/// imported from two shares.
+struct Backed {
+    a: Hsm,
+    b: Hsm,
+    file: PathBuf,
+}
+
+fn backed_up_pair() -> Backed {
+    let a = Hsm::new("hsm-a");
+    let b = Hsm::new("hsm-b");
+    let (kcv_a, shares) = ceremony(&a, "3", "2");
+    let kcv_b = check_value(&ok(import(&b, &[&shares[0], &shares[2]])));
+    assert_eq!(kcv_a, kcv_b, "both HSMs must hold the same KEK");
+    a.generate("tls", "wrap-with-trusted");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+    Backed { a, b, file }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceremony_backup_restore_on_a_second_hsm_serves_tls() {
+    let a = Hsm::new("hsm-a");
+    let b = Hsm::new("hsm-b");
+
+    // A 2-of-3 ceremony on A: one 0600 file per custodian in a 0700 directory.
+    let (kcv_a, shares) = ceremony(&a, "3", "2");
+    assert_eq!(shares.len(), 3);
+    assert_eq!(mode(&a.dir().join("shares")), 0o700);
+    for share in &shares {
+        assert_eq!(mode(share), 0o600, "{}", share.display());
+    }
+    // Any two shares give B the same KEK: the check values match.
+    let kcv_b = check_value(&ok(import(&b, &[&shares[0], &shares[2]])));
+    assert_eq!(kcv_a, kcv_b);
+
+    // A wrap-with-trusted key on A, backed up into a 0600 file.
+    a.generate("tls", "wrap-with-trusted");
+    let a_spki = a.spki("tls");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+    assert_eq!(mode(&file), 0o600);
+    let backup = Backup::read(&file).unwrap();
+    assert_eq!(backup.spki, a_spki);
+    assert_eq!(
+        backup
+            .kek_check_value
+            .unwrap()
+            .to_string(),
+        kcv_a,
+        "the file names the KEK by its check value"
+    );
+
+    // Restored on B: sensitive, non-extractable, same id and public key.
+    let restored = ok(b.restore(&file, KEK));
+    assert!(
+        restored.contains("verified under the backup's public key"),
+        "{restored}"
+    );
+    let list = common::cli::json(b.cli(&["key", "list", "--json"]));
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{list:#}");
+    assert_eq!(keys[0]["label"], "tls");
+    assert_eq!(keys[0]["sensitive"], true);
+    assert_eq!(keys[0]["extractable"], false);
+    assert_eq!(keys[0]["id"], hex::encode(&backup.id));
+    assert_eq!(
+        keys[0]["spki_sha256"],
+        rustls_hsm::pkcs11::spki_fingerprint(&a_spki)
+    );
+    // A second restore of the same key is refused.
+    let err = fails(b.restore(&file, KEK));
+    assert!(err.contains("already exists"), "{err}");
+
+    // In this process, B signs, and the signature verifies under A's public key.
+    b.hsm.use_in_this_process();
+    let token = build(&b.hsm, &b.token, |t| t);
+    let restored_key = key(&token, "tls");
+    let message = b"signed on HSM B";
+    let signature = restored_key
+        .sign_with(SignatureScheme::ECDSA_NISTP256_SHA256, message)
+        .unwrap();
+    verify_signature(
+        &a_spki,
+        SignatureScheme::ECDSA_NISTP256_SHA256,
+        message,
+        &signature,
+    )
+    .unwrap();
+
+    // A TLS server on B with A's certificate completes handshakes.
+    let ca = TestCa::new();
+    let mut resolver = ServerCertResolver::new();
+    resolver.add(
+        None,
+        restored_key
+            .certified_key(vec![ca.leaf(&a_spki, false)])
+            .unwrap(),
+    );
+    let server = TestServer::start(Arc::new(resolver)).await;
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        handshake(server.addr, client_config(&ca, versions, &[]))
+            .await
+            .unwrap();
+    }
+}
+
+#[test]
+fn default_policy_key_and_untrusted_kek_are_refused_before_any_wrap_call() {
+    let a = Hsm::new("hsm-a");
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
+    a.generate("plain", "none");
+    a.generate("tls", "wrap-with-trusted");
+    // A wrap-capable AES key that the security officer never marked trusted.
+    tool_ok(a.hsm.pkcs11_tool(&[
+        "--token-label",
+        &a.token.label,
+        "--login",
+        "--pin",
+        &a.token.user_pin(),
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        "untrusted",
+        "--usage-wrap",
+        "--sensitive",
+    ]));
+
+    for (key, kek, expected) in [
+        (
+            "plain",
+            KEK,
+            ["CKA_EXTRACTABLE=false", "backup policy `none`"],
+        ),
+        ("tls", "untrusted", ["CKA_TRUSTED=false", "marked trusted"]),
+    ] {
+        let log = a.dir().join(format!("spy-{key}.log"));
+        let out = a.dir().join(format!("{key}.backup"));
+        let mut cmd = a.backup(key, kek, &out);
+        cmd.arg("--module")
+            .arg(spy_module())
+            .env("PKCS11SPY", &a.hsm.module)
+            .env("PKCS11SPY_OUTPUT", &log);
+        let err = fails(cmd);
+        for text in expected {
+            assert!(err.contains(text), "`{text}` missing from: {err}");
+        }
+        let calls = fs::read_to_string(&log).unwrap();
+        assert!(calls.contains("C_FindObjects"), "the spy saw no calls");
+        assert!(
+            !calls.contains("C_WrapKey"),
+            "C_WrapKey was called for {key}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
+    let Backed { a, b, file } = backed_up_pair();
+    ok(b.cli_so(&["kek", "create", "--label", "other-kek"]));
+    a.generate("other", "wrap-with-trusted");
+    let text = fs::read_to_string(&file).unwrap();
+    let backup = Backup::parse(&text).unwrap();
+
+    let write = |name: &str, content: &str| {
+        let path = a.dir().join(name);
+        fs::write(&path, content).unwrap();
+        path
+    };
+    let mut forged_wrap = backup.clone();
+    forged_wrap.wrapped[9] ^= 0x01;
+    let mut forged_spki = backup;
+    forged_spki.spki = a.spki("other");
+    let flipped = {
+        let at = text
+            .find("\"wrapped_key\": \"")
+            .unwrap()
+            + 20;
+        let mut bytes = text.clone().into_bytes();
+        bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(bytes).unwrap()
+    };
+    let cases = [
+        (
+            "wrong KEK",
+            file.clone(),
+            "other-kek",
+            "wrong key-encryption key",
+        ),
+        (
+            "truncated",
+            write("truncated", &text[..text.len() / 2]),
+            KEK,
+            "truncated",
+        ),
+        (
+            "flipped byte",
+            write("flipped", &flipped),
+            KEK,
+            "integrity check failed",
+        ),
+        (
+            "newer format",
+            write(
+                "newer",
+                &text.replacen("\"version\": 1", "\"version\": 2", 1),
+            ),
+            KEK,
+            "format version 2 is newer",
+        ),
+        // The integrity check recomputed by a forger: the key wrap's own check catches it.
+        (
+            "forged wrapped bytes",
+            write("forged-wrap", &forged_wrap.to_json().unwrap()),
+            KEK,
+            "do not authenticate under this KEK",
+        ),
+        // A public key that is not the wrapped key's: the test signature catches it.
+        (
+            "forged public key",
+            write("forged-spki", &forged_spki.to_json().unwrap()),
+            KEK,
+            "does not verify under the backup's public key",
+        ),
+    ];
+    for (case, path, kek, expected) in cases {
+        let before = b.object_count();
+        assert!(before >= 2, "B holds its two KEKs");
+        let err = fails(b.restore(&path, kek));
+        assert!(
+            err.contains(expected),
+            "{case}: `{expected}` missing from: {err}"
+        );
+        assert_eq!(b.object_count(), before, "{case} left objects on the token");
+    }
+    // The genuine file still restores.
+    ok(b.restore(&file, KEK));
+}
+
+#[test]
+fn backup_verify_leaves_the_token_unchanged() {
+    let a = Hsm::new("hsm-a");
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
+    a.generate("tls", "wrap-with-trusted");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+
+    let before = a.object_count();
+    assert_eq!(before, 3, "the KEK and the key pair");
+    let out = ok(a.cli(&[
+        "backup",
+        "verify",
+        "--in",
+        file.to_str().unwrap(),
+        "--kek",
+        KEK,
+    ]));
+    assert!(out.contains("is good"), "{out}");
+    assert!(
+        out.contains("verified under the backup's public key"),
+        "{out}"
+    );
+    assert_eq!(a.object_count(), before);
+}
+
+#[test]
+fn one_share_short_of_the_threshold_cannot_import_the_kek() {
+    let a = Hsm::new("hsm-a");
+    let b = Hsm::new("hsm-b");
+    let (_, shares) = ceremony(&a, "5", "3");
+    let before = b.object_count();
+
+    // Two distinct shares (one given twice) of a 3-of-5 split.
+    let err = fails(import(&b, &[&shares[0], &shares[3], &shares[0]]));
+    assert!(
+        err.contains("3 shares are needed") && err.contains("only 2 distinct"),
+        "{err}"
+    );
+    assert_eq!(b.object_count(), before, "no KEK may be created");
+    ok(import(&b, &[&shares[0], &shares[3], &shares[4]]));
+}
+
+/// The attack a backup must resist: someone holds the file and the token, but not the user PIN.
+///
+/// On SoftHSM the KEK is a private object: invisible, and unusable by handle, in a public
+/// session and to the security officer. With the user PIN the KEK still cannot be turned into a
+/// decryption key; but a PIN holder can unwrap a backup with a template of their own (see the
+/// LIMITATION on `CKA_UNWRAP_TEMPLATE` in `src/backup/restore.rs` and docs/backup.md).
+#[test]
+fn file_and_token_without_the_user_pin_cannot_unwrap_a_readable_key() {
+    let a = Hsm::new("hsm-a");
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
+    a.generate("tls", "wrap-with-trusted");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+    let backup = Backup::read(&file).unwrap();
+
+    a.hsm.use_in_this_process();
+    let module = Module::load(&a.hsm.module).unwrap();
+    let token = find_token(&module, &TokenSelector::Label(a.token.label.clone())).unwrap();
+    let pin = secrecy::SecretString::from(a.token.user_pin());
+    let so_pin = secrecy::SecretString::from(a.token.so_pin());
+
+    // The KEK's handle, as a logged-in user sees it.
+    let user = login_user(&module, &token, &pin).unwrap();
+    let kek = find_kek(&user, &token, KEK, true).unwrap();
+    assert!(kek.private && kek.trusted && !kek.modifiable);
+    user.logout().unwrap();
+    drop(user);
+
+    // A public session finds no secret key, and no handle unwraps the backup.
+    let public = module
+        .context()
+        .open_rw_session(token.slot)
+        .unwrap();
+    let secret_keys = public
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert!(
+        secret_keys.is_empty(),
+        "a public session sees {secret_keys:?}"
+    );
+    assert_no_handle_unwraps(&public, &backup, kek.handle, "a public session");
+
+    // The security officer cannot see or use the private KEK either.
+    public
+        .login(UserType::So, Some(&so_pin))
+        .unwrap();
+    let secret_keys = public
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert!(secret_keys.is_empty(), "the SO sees {secret_keys:?}");
+    assert_no_handle_unwraps(&public, &backup, kek.handle, "the SO");
+    public.logout().unwrap();
+    drop(public);
+
+    // With the user PIN, the KEK cannot be given decryption rights, directly or by a copy.
+    // (SoftHSM gives private objects new handles at each login: find the KEK again.)
+    let user = login_user(&module, &token, &pin).unwrap();
+    let kek = find_kek(&user, &token, KEK, true).unwrap();
+    let refused = |result: Result<(), cryptoki::error::Error>, what: &str| match result {
+        Err(cryptoki::error::Error::Pkcs11(rv, _)) => assert!(
+            matches!(rv, RvError::ActionProhibited | RvError::AttributeReadOnly),
+            "{what}: {rv:?}"
+        ),
+        other => panic!("{what} must be refused, got {other:?}"),
+    };
+    refused(
+        user.update_attributes(kek.handle, &[Attribute::Decrypt(true)]),
+        "setting CKA_DECRYPT on the KEK",
+    );
+    for change in [
+        Attribute::Decrypt(true),
+        Attribute::Extractable(true),
+        Attribute::Sensitive(false),
+    ] {
+        refused(
+            user.copy_object(kek.handle, std::slice::from_ref(&change))
+                .map(|_| ()),
+            &format!("copying the KEK with {change:?}"),
+        );
+    }
+    // LIMITATION (documented): without CKA_UNWRAP_TEMPLATE on the KEK, a holder of the user PIN
+    // can unwrap into a readable key. If this starts failing, the token enforces an unwrap
+    // template: update docs/backup.md.
+    let readable = user.unwrap_key(
+        &Mechanism::AesKeyWrapPad,
+        kek.handle,
+        &backup.wrapped,
+        &readable_template(),
+    );
+    let readable = readable.expect("SoftHSM 2.6.1 lets a PIN holder choose the unwrap template");
+    user.destroy_object(readable).unwrap();
+}
+
+/// A template that would leave the unwrapped private key readable.
+fn readable_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ]
+}
+
+fn assert_no_handle_unwraps(session: &Session, backup: &Backup, kek: ObjectHandle, who: &str) {
+    let wrapped = &backup.wrapped;
+    let template = readable_template();
+    let result = session.unwrap_key(&Mechanism::AesKeyWrapPad, kek, wrapped, &template);
+    assert!(result.is_err(), "{who} unwrapped with the KEK's handle");
+    // Nor with any object the session can see.
+    for candidate in session.find_objects(&[]).unwrap() {
+        let result = session.unwrap_key(&Mechanism::AesKeyWrapPad, candidate, wrapped, &template);
+        if let Ok(handle) = result {
+            let value = session.get_attributes(handle, &[AttributeType::Value]);
+            panic!("{who} unwrapped with object {candidate}: {value:?}");
+        }
+    }
+}
