@@ -58,6 +58,8 @@ pub(crate) fn from_args(args: &Args) -> anyhow::Result<Served> {
     }
     let token = builder.build()?;
 
+    // LIMITATION: chains come either all from files or all from the token; mixing would need a
+    // per-key option syntax (e.g. KEY=FILE), which the example keeps out for simplicity.
     let mut certified = Vec::new();
     for (at, selector) in args.keys.iter().enumerate() {
         let key = token.key(selector)?;

@@ -15,11 +15,10 @@ use crate::HsmKey;
 ///
 /// ECDSA signatures are DER in both TLS and X.509; Ed25519 and RSA PKCS#1 v1.5 are raw in both.
 /// RSA uses PKCS#1 v1.5 with SHA-256 rather than PSS, the scheme every verifier accepts in
-/// certificates (rcgen with *ring* also cannot write PSS parameters).
-///
-/// # Errors
-///
-/// None for P-521, which rcgen with *ring* cannot name.
+/// certificates (rcgen with *ring* also cannot write PSS parameters). `None` for P-521.
+// LIMITATION: P-521 keys cannot sign certificates: rcgen's P-521 algorithms exist only with its
+// aws-lc-rs backend. Adding them would take that backend (a second crypto stack) or an rcgen
+// release that names P-521 with *ring*.
 pub fn x509_scheme(kind: KeyKind) -> Option<SignatureScheme> {
     match kind {
         KeyKind::Ec(Curve::P256) => Some(SignatureScheme::ECDSA_NISTP256_SHA256),
