@@ -480,6 +480,129 @@ fn example_certificate_script_makes_certificates_openssl_accepts() -> TestResult
     Ok(())
 }
 
+#[test]
+fn issuing_checks_the_ca_and_never_grants_ca_status() -> TestResult {
+    let (hsm, token) = common::TestHsm::with_token("ca");
+    let dir = hsm.path();
+    let cli = |args: &[&str]| -> Result<Output, Box<dyn std::error::Error>> {
+        Ok(hsm
+            .cli()
+            .args(args)
+            .args(["--token", "ca", "--pin", &token.pin_source()])
+            .current_dir(dir)
+            .output()?)
+    };
+    for label in ["ca", "other"] {
+        let out = cli(&["key", "generate", "--label", label, "--type", "ec:p256"])?;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for (label, file) in [("ca", "ca.pem"), ("other", "other.pem")] {
+        let out = cli(&[
+            "cert",
+            "self-signed",
+            "--key",
+            label,
+            "--ca",
+            "--subject",
+            "CN=CA",
+            "--out",
+            file,
+            "--store-on-token",
+        ])?;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    // A request asking to be a CA, made by openssl with a software key.
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-subj",
+            "/CN=sneaky",
+            "-keyout",
+            "sneaky.key",
+            "-out",
+            "sneaky.csr",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .current_dir(dir)
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cli(&[
+        "cert",
+        "issue",
+        "--ca-key",
+        "ca",
+        "--ca-cert",
+        "ca.pem",
+        "--csr",
+        "sneaky.csr",
+        "--out",
+        "sneaky.pem",
+    ])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-ext",
+            "basicConstraints",
+            "-in",
+            "sneaky.pem",
+        ])
+        .current_dir(dir)
+        .output()?;
+    assert!(text(&out).contains("CA:FALSE"), "{}", text(&out));
+
+    // The CA certificate must be the CA key's.
+    let out = cli(&[
+        "cert",
+        "issue",
+        "--ca-key",
+        "ca",
+        "--ca-cert",
+        "other.pem",
+        "--csr",
+        "sneaky.csr",
+        "--out",
+        "x.pem",
+    ])?;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("does not belong to CA key `ca`"),
+        "{}",
+        text(&out)
+    );
+
+    // A second, different certificate for a key is stored only with --replace.
+    let again = [
+        "cert",
+        "self-signed",
+        "--key",
+        "ca",
+        "--ca",
+        "--subject",
+        "CN=CA 2",
+        "--store-on-token",
+    ];
+    let out = cli(&again)?;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--replace"), "{}", text(&out));
+    let out = cli(&[&again[..], &["--replace", "--out", "ca2.pem"]].concat())?;
+    assert!(out.status.success(), "{}", text(&out));
+    let exported = cli(&["cert", "export", "--key", "ca"])?;
+    assert!(exported.status.success(), "{}", text(&exported));
+    assert_eq!(exported.stdout, std::fs::read(dir.join("ca2.pem"))?);
+    Ok(())
+}
+
 /// A running example server, killed when dropped.
 struct Server {
     child: Child,
