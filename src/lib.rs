@@ -12,6 +12,7 @@
 //! ```no_run
 //! use std::sync::Arc;
 //!
+//! use rustls::pki_types::pem::PemObject;
 //! use rustls_hsm::resolver::ServerCertResolver;
 //! use rustls_hsm::HsmToken;
 //!
