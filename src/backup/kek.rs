@@ -338,13 +338,23 @@ fn make_session_kek(
         }
         Some(value) => {
             template.push(Attribute::Value(value.to_vec()));
-            let made = so
-                .create_object(&template)
-                .map_err(pkcs11::Error::pkcs11(
-                    "import the KEK (C_CreateObject, SO session)",
-                ));
+            let made = so.create_object(&template);
             wipe(&mut template);
-            made
+            match made {
+                // kryoptic 1.5.4 accepts CKA_TRUSTED only from C_GenerateKey, and refuses to set
+                // it later too: an imported key can never be trusted there.
+                Err(e) if rv_of(&e) == Some(RvError::AttributeTypeInvalid) => {
+                    return Err(Error::Refused(format!(
+                        "the token refuses CKA_TRUSTED on an imported key ({}), so a KEK from \
+                         shares cannot be trusted on it; use `rustls-hsm kek create` for backups \
+                         within this token (kryoptic 1.5.4 behaves so)",
+                        pkcs11::rv_text(&e)
+                    )));
+                }
+                other => other.map_err(pkcs11::Error::pkcs11(
+                    "import the KEK (C_CreateObject, SO session)",
+                )),
+            }
         }
     };
     Ok(made?)
