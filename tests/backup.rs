@@ -576,3 +576,36 @@ fn assert_no_handle_unwraps(session: &Session, backup: &Backup, kek: ObjectHandl
         }
     }
 }
+
+#[test]
+fn a_lost_key_restores_on_the_same_hsm_and_keeps_its_policy_only_when_asked() {
+    let a = Hsm::new("hsm-a");
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
+    a.generate("tls", "wrap-with-trusted");
+    let spki = a.spki("tls");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+    ok(a.cli(&["key", "delete", "tls", "--yes"]));
+
+    let mut restore = a.restore(&file, KEK);
+    restore.args(["--backup-policy", "wrap-with-trusted"]);
+    ok(restore);
+    assert_eq!(a.spki("tls"), spki);
+    let list = common::cli::json(a.cli(&["key", "list", "--json"]));
+    assert_eq!(list["keys"][0]["extractable"], true, "{list:#}");
+    assert_eq!(list["keys"][0]["sensitive"], true, "{list:#}");
+    // So it can be backed up again.
+    ok(a.backup("tls", KEK, &a.dir().join("again.backup")));
+
+    // A key backed up without that policy cannot gain it at restore.
+    let mut narrowed = Backup::read(&file).unwrap();
+    narrowed.policy = rustls_hsm::pkcs11::BackupPolicy::None;
+    narrowed.label = "other".into();
+    narrowed.id = vec![7];
+    let path = a.dir().join("narrowed.backup");
+    narrowed.write(&path).unwrap();
+    let mut widen = a.restore(&path, KEK);
+    widen.args(["--backup-policy", "wrap-with-trusted"]);
+    let err = fails(widen);
+    assert!(err.contains("cannot get it either"), "{err}");
+}

@@ -3,7 +3,7 @@
 //!
 //! - [`kek`]: the KEK on a token: made by the security officer, trusted, private, wrap-only;
 //! - [`ceremony`]: splitting a new KEK into M-of-N custodian shares, and importing it again;
-//! - [`format`]: the versioned backup file and its integrity check;
+//! - [`format`](mod@format): the versioned backup file and its integrity check;
 //! - [`wrap`]: backing a key up (`C_WrapKey` with RFC 5649 AES key wrap with padding);
 //! - [`restore`]: restoring a key (`C_UnwrapKey`), or only checking that a backup restores.
 //!
