@@ -62,6 +62,12 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
             kek,
             out,
         } => {
+            if out.exists() {
+                anyhow::bail!(
+                    "{} already exists; choose another name (backups are never overwritten)",
+                    out.display()
+                );
+            }
             let (token, session) = login.login(module)?;
             let backup = create_backup(module, &session, &token, &key, &kek)?;
             backup.write(&out)?;
