@@ -20,6 +20,9 @@ pub(crate) struct SessionManager {
     pub(crate) slot: Slot,
     /// Set when the token said it has no more sessions to give.
     pub(crate) session_count_hit: Arc<AtomicBool>,
+    /// Set when the pool is being closed: r2d2's background threads must not open sessions
+    /// while the module is being finalized.
+    pub(crate) closing: Arc<AtomicBool>,
 }
 
 /// A pooled session with a flag the signer sets when the session must not be reused.
@@ -60,6 +63,12 @@ impl r2d2::ManageConnection for SessionManager {
     type Error = SessionError;
 
     fn connect(&self) -> Result<PooledSession, SessionError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(SessionError(CkError::Pkcs11(
+                RvError::CryptokiNotInitialized,
+                cryptoki::context::Function::OpenSession,
+            )));
+        }
         match self
             .module
             .context()

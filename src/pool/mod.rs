@@ -128,6 +128,7 @@ pub(crate) struct Live {
     pool: r2d2::Pool<SessionManager>,
     gate: Gate,
     session_count_hit: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
     in_flight: AtomicUsize,
     max_size: u32,
 }
@@ -362,10 +363,12 @@ impl TokenPool {
 
         let max_size = pool_cap(self.config.pool_size, &token);
         let session_count_hit = Arc::new(AtomicBool::new(false));
+        let closing = Arc::new(AtomicBool::new(false));
         let manager = SessionManager {
             module: self.module.clone(),
             slot: token.slot,
             session_count_hit: session_count_hit.clone(),
+            closing: closing.clone(),
         };
         let pool = r2d2::Pool::builder()
             .max_size(max_size)
@@ -390,6 +393,7 @@ impl TokenPool {
             pool,
             gate: Gate::new(max_size as usize),
             session_count_hit,
+            closing,
             in_flight: AtomicUsize::new(0),
             max_size,
         })
@@ -577,6 +581,7 @@ fn e_rv(e: &Error) -> Option<RvError> {
 /// not finish, the sessions are leaked rather than closed later: after a re-initialisation
 /// their handle numbers may name other sessions.
 fn drain(live: Arc<Live>) {
+    live.closing.store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(5);
     while (live.in_flight.load(Ordering::Acquire) > 0 || Arc::strong_count(&live) > 1)
         && Instant::now() < deadline
