@@ -365,3 +365,21 @@ fn loaded_system_library() -> PathBuf {
         })
         .unwrap_or_else(|| panic!("no libc-family library in /proc/self/maps:\n{maps}"))
 }
+
+// A reader that goes away early (`rustls-hsm doctor | head`) once made the tool panic.
+#[test]
+fn output_closed_early_exits_quietly() {
+    let (hsm, _token) = TestHsm::with_token("signer");
+    let mut child = hsm
+        .cli()
+        .arg("doctor")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

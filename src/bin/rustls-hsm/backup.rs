@@ -71,7 +71,7 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
             let (token, session) = login.login(module)?;
             let backup = create_backup(module, &session, &token, &key, &kek)?;
             backup.write(&out)?;
-            println!(
+            outln!(
                 "backed up key `{}` (id {}, {}) from token {} to {}",
                 backup.label,
                 hex::encode(&backup.id),
@@ -79,7 +79,7 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
                 token.describe(),
                 out.display()
             );
-            println!(
+            outln!(
                 "wrapped with CKM_AES_KEY_WRAP_PAD under `{}`, check value {}",
                 backup.kek_label,
                 backup
@@ -97,21 +97,21 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
             let backup = Backup::read(&input)?;
             let (token, session) = login.login(module)?;
             let report = restore_backup(module, &session, &token, &backup, &kek, backup_policy)?;
-            println!(
+            outln!(
                 "restored key `{}` (id {}, {}) onto token {}",
                 report.key.label,
                 hex::encode(&report.key.id),
                 report.key.kind,
                 token.describe()
             );
-            print_check(&report);
+            print_check(&report)?;
             Ok(())
         }
         BackupCommand::Verify { input, kek, login } => {
             let backup = Backup::read(&input)?;
             let (token, session) = login.login(module)?;
             let report = verify_backup(module, &session, &token, &backup, &kek)?;
-            println!(
+            outln!(
                 "backup {} of key `{}` (id {}, {}) is good on token {}",
                 input.display(),
                 backup.label,
@@ -119,23 +119,26 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
                 backup.kind,
                 token.describe()
             );
-            print_check(&report);
-            println!("the temporary objects were destroyed; nothing was left on the token");
+            print_check(&report)?;
+            outln!("the temporary objects were destroyed; nothing was left on the token");
             Ok(())
         }
     }
 }
 
-fn print_check(report: &RestoreReport) {
-    println!(
+fn print_check(report: &RestoreReport) -> anyhow::Result<()> {
+    outln!(
         "test signature ({}) verified under the backup's public key; KEK check value {}",
         report.scheme_name(),
         report
             .kek_check_value
             .map_or_else(|| "unavailable".into(), |v| v.to_string())
     );
-    println!(
+    outln!(
         "  flags: sensitive={}, extractable={}, sign={}",
-        report.key.sensitive, report.key.extractable, report.key.sign
+        report.key.sensitive,
+        report.key.extractable,
+        report.key.sign
     );
+    Ok(())
 }

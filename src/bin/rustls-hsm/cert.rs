@@ -281,7 +281,7 @@ fn emit(out: Option<&Path>, pem: &str, what: &str) -> anyhow::Result<()> {
             fs::write(path, pem).with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!("wrote the {what} to {}", path.display());
         }
-        None => print!("{pem}"),
+        None => out!("{pem}"),
     }
     Ok(())
 }

@@ -175,7 +175,7 @@ impl std::fmt::Display for LimitValue {
 /// Prints a value as pretty JSON on stdout.
 pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("encoding JSON")?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 

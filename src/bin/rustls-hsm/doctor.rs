@@ -187,7 +187,7 @@ pub(crate) fn run(module: &Module, args: &DoctorArgs) -> anyhow::Result<()> {
     if args.json {
         print_json(&report)?;
     } else {
-        print_text(&report);
+        print_text(&report)?;
     }
     if !failures.is_empty() {
         bail!("doctor found problems: {}", failures.join("; "));
@@ -378,14 +378,14 @@ fn login_report(
     (report, Some(session))
 }
 
-fn print_text(report: &Report) {
+fn print_text(report: &Report) -> anyhow::Result<()> {
     let lib = &report.library;
-    println!("PKCS#11 library {}", lib.path);
-    println!("  cryptoki version: {}", lib.cryptoki_version);
-    println!("  manufacturer:     {}", lib.manufacturer);
-    println!("  description:      {}", lib.description);
-    println!("  library version:  {}", lib.library_version);
-    println!(
+    outln!("PKCS#11 library {}", lib.path);
+    outln!("  cryptoki version: {}", lib.cryptoki_version);
+    outln!("  manufacturer:     {}", lib.manufacturer);
+    outln!("  description:      {}", lib.description);
+    outln!("  library version:  {}", lib.library_version);
+    outln!(
         "  initialised by:   {}",
         if lib.initialized_by_us {
             "this process (C_Initialize)"
@@ -393,53 +393,61 @@ fn print_text(report: &Report) {
             "someone else in this process"
         }
     );
-    println!();
-    println!("slots");
+    outln!();
+    outln!("slots");
     for slot in &report.slots {
         let token = match (&slot.token_label, slot.token_initialized) {
             (Some(label), true) => format!("token `{label}`"),
             (Some(_), false) => "token not initialised".to_owned(),
             (None, _) => "no token".to_owned(),
         };
-        println!("  slot {:#x}: {} ({token})", slot.slot_id, slot.description);
+        outln!("  slot {:#x}: {} ({token})", slot.slot_id, slot.description);
     }
     for token in &report.tokens {
-        println!();
-        print_token(token);
+        outln!();
+        print_token(token)?;
     }
     if let Some(self_test) = &report.self_test {
-        println!();
-        selftest::print_text(self_test);
+        outln!();
+        selftest::print_text(self_test)?;
     }
+    Ok(())
 }
 
-fn print_token(t: &TokenReport) {
-    println!(
+fn print_token(t: &TokenReport) -> anyhow::Result<()> {
+    outln!(
         "token `{}` (serial {}, slot {:#x})",
-        t.label, t.serial, t.slot_id
+        t.label,
+        t.serial,
+        t.slot_id
     );
-    println!("  model:        {}", t.model);
-    println!("  manufacturer: {}", t.manufacturer);
-    println!(
+    outln!("  model:        {}", t.model);
+    outln!("  manufacturer: {}", t.manufacturer);
+    outln!(
         "  versions:     hardware {}, firmware {}",
-        t.hardware_version, t.firmware_version
+        t.hardware_version,
+        t.firmware_version
     );
-    println!("  flags:        {}", t.flags.join(", "));
-    println!("  user PIN:     {}", t.user_pin);
-    println!("  SO PIN:       {}", t.so_pin);
+    outln!("  flags:        {}", t.flags.join(", "));
+    outln!("  user PIN:     {}", t.user_pin);
+    outln!("  SO PIN:       {}", t.so_pin);
     let s = &t.sessions;
-    println!(
+    outln!(
         "  sessions:     {} open of max {}; read-write {} open of max {}",
-        s.open, s.max, s.rw_open, s.max_rw
+        s.open,
+        s.max,
+        s.rw_open,
+        s.max_rw
     );
-    println!(
+    outln!(
         "  PIN length:   {} to {}",
-        t.pin_length.min, t.pin_length.max
+        t.pin_length.min,
+        t.pin_length.max
     );
-    println!("  mechanisms ({}):", t.mechanisms.len());
+    outln!("  mechanisms ({}):", t.mechanisms.len());
     for m in &t.mechanisms {
         let unlisted = if m.unlisted { " (not listed)" } else { "" };
-        println!(
+        outln!(
             "    {:<34} {:>5}..{:<6} {}{unlisted}",
             m.name,
             m.min_key_size,
@@ -447,21 +455,21 @@ fn print_token(t: &TokenReport) {
             m.flags.join(", ")
         );
     }
-    println!("  TLS signature schemes:");
+    outln!("  TLS signature schemes:");
     for s in &t.schemes {
         match (&s.method, &s.reason) {
-            (Some(method), _) => println!("    {:<24} yes  {method}", s.scheme),
-            (None, Some(reason)) => println!("    {:<24} no   {reason}", s.scheme),
-            (None, None) => println!("    {:<24} no", s.scheme),
+            (Some(method), _) => outln!("    {:<24} yes  {method}", s.scheme),
+            (None, Some(reason)) => outln!("    {:<24} no   {reason}", s.scheme),
+            (None, None) => outln!("    {:<24} no", s.scheme),
         }
     }
     if let Some(login) = &t.login {
         match &login.error {
-            None => println!("  login:        ok, {} private key(s)", login.keys.len()),
-            Some(error) => println!("  login:        FAILED: {error}"),
+            None => outln!("  login:        ok, {} private key(s)", login.keys.len()),
+            Some(error) => outln!("  login:        FAILED: {error}"),
         }
         for key in &login.keys {
-            println!(
+            outln!(
                 "    key `{}` (id {}, {}): {}",
                 key.label,
                 key.id,
@@ -474,6 +482,7 @@ fn print_token(t: &TokenReport) {
             );
         }
     }
+    Ok(())
 }
 
 fn trim(field: &str) -> String {

@@ -73,32 +73,32 @@ pub(crate) fn run(module: &Module, command: KekCommand) -> anyhow::Result<()> {
                 threshold,
                 &out_dir,
             )?;
-            print_kek(&token, &done.kek, "created");
-            println!("check value: {}", done.check_value);
-            println!(
+            print_kek(&token, &done.kek, "created")?;
+            outln!("check value: {}", done.check_value);
+            outln!(
                 "{} shares written, any {threshold} of which rebuild the KEK; give each file to \
                  one custodian:",
                 done.files.len()
             );
             for file in &done.files {
-                println!("  {}", file.display());
+                outln!("  {}", file.display());
             }
             Ok(())
         }
         KekCommand::Create(args) => {
             let (token, pin, so_pin) = args.open(module)?;
             let kek = create_kek(module, &token, &pin, &so_pin, &args.label, None)?;
-            print_kek(&token, &kek, "generated");
-            println!("check value: {}", kek.check_value_text());
+            print_kek(&token, &kek, "generated")?;
+            outln!("check value: {}", kek.check_value_text());
             Ok(())
         }
         KekCommand::Import { args, shares } => {
             let (token, pin, so_pin) = args.open(module)?;
             let (kek, check_value) =
                 import_kek_from_shares(module, &token, &pin, &so_pin, &args.label, &shares)?;
-            print_kek(&token, &kek, "imported");
-            println!("check value: {check_value}");
-            println!("custodians: compare this check value with the one the ceremony printed");
+            print_kek(&token, &kek, "imported")?;
+            outln!("check value: {check_value}");
+            outln!("custodians: compare this check value with the one the ceremony printed");
             Ok(())
         }
     }
@@ -116,11 +116,12 @@ impl KekArgs {
     }
 }
 
-fn print_kek(token: &Token, kek: &KekObject, verb: &str) {
-    println!(
+fn print_kek(token: &Token, kek: &KekObject, verb: &str) -> anyhow::Result<()> {
+    outln!(
         "{verb} key-encryption key `{}` on token {}: AES-256, trusted, private, sensitive, \
          non-extractable, wrap/unwrap only",
         kek.label,
         token.describe()
     );
+    Ok(())
 }

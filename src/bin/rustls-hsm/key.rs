@@ -94,8 +94,8 @@ pub(crate) fn run(module: &Module, command: KeyCommand) -> anyhow::Result<()> {
                 args.id.map(|id| id.0),
                 args.backup_policy,
             )?;
-            println!("generated key pair on token {}", token.describe());
-            print_key(&KeyEntry::new(&token, &key));
+            outln!("generated key pair on token {}", token.describe());
+            print_key(&KeyEntry::new(&token, &key))?;
             Ok(())
         }
         KeyCommand::Import {
@@ -110,19 +110,19 @@ pub(crate) fn run(module: &Module, command: KeyCommand) -> anyhow::Result<()> {
             );
             let (token, session) = login.login(module)?;
             let key = import_private_key(&session, &token.label, &label, id.map(|id| id.0), &pem)?;
-            println!("imported key on token {}", token.describe());
-            print_key(&KeyEntry::new(&token, &key));
+            outln!("imported key on token {}", token.describe());
+            print_key(&KeyEntry::new(&token, &key))?;
             Ok(())
         }
         KeyCommand::List { login, json } => list(module, &login, json),
         KeyCommand::Show { login, key } => {
             let (token, session) = login.login(module)?;
             let key = find_key(&session, &key, &token.label, true)?;
-            print_key(&KeyEntry::new(&token, &key));
+            print_key(&KeyEntry::new(&token, &key))?;
             let pem = der::Document::try_from(key.spki.as_slice())
                 .and_then(|doc| doc.to_pem("PUBLIC KEY", LineEnding::LF))
                 .context("encoding the public key as PEM")?;
-            print!("{pem}");
+            out!("{pem}");
             Ok(())
         }
     }
@@ -202,17 +202,18 @@ impl KeyEntry {
     }
 }
 
-fn print_key(key: &KeyEntry) {
-    println!("key `{}`", key.label);
-    println!("  id:          {}", key.id);
-    println!("  type:        {}", key.key_type);
-    println!("  uri:         {}", key.uri);
-    println!("  spki sha256: {}", key.spki_sha256);
-    println!("  flags:       {}", key.flags().join(", "));
-    println!(
+fn print_key(key: &KeyEntry) -> anyhow::Result<()> {
+    outln!("key `{}`", key.label);
+    outln!("  id:          {}", key.id);
+    outln!("  type:        {}", key.key_type);
+    outln!("  uri:         {}", key.uri);
+    outln!("  spki sha256: {}", key.spki_sha256);
+    outln!("  flags:       {}", key.flags().join(", "));
+    outln!(
         "  certificate: {}",
         if key.certificate { "present" } else { "none" }
     );
+    Ok(())
 }
 
 fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
@@ -230,12 +231,12 @@ fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
         return print_json(&serde_json::json!({ "keys": entries }));
     }
     if keys.is_empty() {
-        println!("no private keys on token {}", token.describe());
+        outln!("no private keys on token {}", token.describe());
     }
     for key in &keys {
         match key {
-            Ok(key) => print_key(&KeyEntry::new(&token, key)),
-            Err(e) => println!("unreadable key: {e}"),
+            Ok(key) => print_key(&KeyEntry::new(&token, key))?,
+            Err(e) => outln!("unreadable key: {e}"),
         }
     }
     Ok(())
@@ -261,7 +262,7 @@ fn delete(
         )?;
     }
     let done = destroy_key(&session, &key)?;
-    println!(
+    outln!(
         "deleted key {}: private key, {}, {} certificate(s)",
         key.describe(),
         if done.public {
@@ -272,7 +273,7 @@ fn delete(
         done.certificates
     );
     if done.shared_certificates > 0 {
-        println!(
+        outln!(
             "kept {} certificate(s) with id {}: another private key has the same id",
             done.shared_certificates,
             hex::encode(&key.id)

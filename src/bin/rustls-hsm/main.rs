@@ -1,5 +1,22 @@
 //! `rustls-hsm`: the operator's tool for PKCS#11 tokens and the signing keys rustls-hsm uses.
 
+/// `println!` that returns an error instead of panicking when stdout is closed early, as in
+/// `rustls-hsm key list | head`; `main` then exits quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// `print!` that returns an error instead of panicking when stdout is closed early.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod backup;
 mod cert;
 mod common;
@@ -59,11 +76,21 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", common::error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// True when the reader of our output went away (`| head`): not an error worth reporting.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// `RUST_LOG`, default `warn`; cryptoki's error for every mechanism it cannot name is silenced

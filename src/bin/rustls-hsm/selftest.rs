@@ -63,11 +63,11 @@ pub(crate) fn run(token: &Token, session: &Session, mechanisms: &MechanismList) 
 }
 
 /// Prints the PASS/FAIL table.
-pub(crate) fn print_text(report: &SelfTestReport) {
-    println!("self-test on token `{}`", report.token);
-    println!("  {:<24} {:<8} {:<44} result", "scheme", "key", "mechanism");
+pub(crate) fn print_text(report: &SelfTestReport) -> anyhow::Result<()> {
+    outln!("self-test on token `{}`", report.token);
+    outln!("  {:<24} {:<8} {:<44} result", "scheme", "key", "mechanism");
     for r in &report.results {
-        println!(
+        outln!(
             "  {:<24} {:<8} {:<44} {}",
             r.scheme,
             r.key_type,
@@ -75,10 +75,10 @@ pub(crate) fn print_text(report: &SelfTestReport) {
             r.result
         );
         if let Some(error) = &r.error {
-            println!("      {error}");
+            outln!("      {error}");
         }
     }
-    println!(
+    outln!(
         "  {}",
         if report.passed {
             "self-test passed"
@@ -86,6 +86,7 @@ pub(crate) fn print_text(report: &SelfTestReport) {
             "self-test FAILED"
         }
     );
+    Ok(())
 }
 
 /// Tests every scheme of one key kind with one throwaway key.

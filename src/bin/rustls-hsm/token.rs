@@ -83,7 +83,7 @@ pub(crate) fn run(module: &Module, command: TokenCommand) -> anyhow::Result<()> 
             let old = read_pin(&pin, "current user PIN")?;
             let new = read_pin(&new_pin, "new user PIN")?;
             change_user_pin(module, &token, &old, &new)?;
-            println!("changed the user PIN of token {}", token.describe());
+            outln!("changed the user PIN of token {}", token.describe());
             Ok(())
         }
         TokenCommand::Init(args) => init(module, &args),
@@ -97,7 +97,7 @@ pub(crate) fn run(module: &Module, command: TokenCommand) -> anyhow::Result<()> 
             let so = read_pin(&so_pin, "SO PIN")?;
             let new = read_pin(&new_pin, "new user PIN")?;
             unlock_user_pin(module, &token, &so, &new)?;
-            println!("set a new user PIN on token {}", token.describe());
+            outln!("set a new user PIN on token {}", token.describe());
             Ok(())
         }
     }
@@ -167,20 +167,20 @@ fn list(module: &Module, json: bool) -> anyhow::Result<()> {
         return print_json(&SlotList { slots: entries });
     }
     for slot in &entries {
-        println!("slot {:#x} ({})", slot.slot_id, slot.slot_description);
+        outln!("slot {:#x} ({})", slot.slot_id, slot.slot_description);
         let Some(token) = &slot.token else {
-            println!("  no token");
+            outln!("  no token");
             continue;
         };
         if token.initialized {
-            println!("  label:        {}", token.label);
-            println!("  serial:       {}", token.serial);
+            outln!("  label:        {}", token.label);
+            outln!("  serial:       {}", token.serial);
         } else {
-            println!("  token not initialised (free for `rustls-hsm token init`)");
+            outln!("  token not initialised (free for `rustls-hsm token init`)");
         }
-        println!("  model:        {}", token.model);
-        println!("  manufacturer: {}", token.manufacturer);
-        println!("  flags:        {}", token.flags.join(", "));
+        outln!("  model:        {}", token.model);
+        outln!("  manufacturer: {}", token.manufacturer);
+        outln!("  flags:        {}", token.flags.join(", "));
     }
     Ok(())
 }
@@ -208,7 +208,7 @@ fn init(module: &Module, args: &InitArgs) -> anyhow::Result<()> {
         reinitialize,
     )
     .context("token init")?;
-    println!("initialised token {}", token.describe());
+    outln!("initialised token {}", token.describe());
     Ok(())
 }
 
