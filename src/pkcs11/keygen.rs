@@ -7,6 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -192,9 +193,7 @@ fn generate(
     let mut public = public_template(label, &id, on_token);
     public.extend(public_params);
     let private = private_template(label, &id, policy, on_token);
-    let (public_handle, private_handle) = session
-        .generate_key_pair(&mechanism, &public, &private)
-        .map_err(Error::pkcs11("generate key pair (C_GenerateKeyPair)"))?;
+    let (public_handle, private_handle) = generate_pair(session, &mechanism, &public, &private)?;
 
     let checked = read_key(session, private_handle).and_then(|key| {
         check_generated(&key, policy)?;
@@ -221,6 +220,42 @@ fn new_identity(
             .generate_random_vec(16)
             .map_err(Error::pkcs11("draw a random CKA_ID")),
     }
+}
+
+/// `C_GenerateKeyPair`, retried once without the public key's usage flags when the token
+/// refuses them with `CKR_GENERAL_ERROR`.
+///
+/// tpm2-pkcs11 (1.9) derives `CKA_VERIFY` and `CKA_ENCRYPT` for the public half from the TPM key
+/// it makes and fails when the template says otherwise; for a sign-only key it derives them
+/// swapped, so no explicit public template is accepted. The public half's usage flags protect
+/// nothing (the private half is what `check_generated` reads back), so the pair is made with the
+/// token's own values instead.
+fn generate_pair(
+    session: &Session,
+    mechanism: &Mechanism<'_>,
+    public: &[Attribute],
+    private: &[Attribute],
+) -> Result<(ObjectHandle, ObjectHandle), Error> {
+    let first = session.generate_key_pair(mechanism, public, private);
+    let refused = matches!(&first, Err(e) if super::rv_of(e) == Some(RvError::GeneralError));
+    if !refused {
+        return first.map_err(Error::pkcs11("generate key pair (C_GenerateKeyPair)"));
+    }
+    let without_usage: Vec<Attribute> = public
+        .iter()
+        .filter(|a| !is_public_usage(a))
+        .cloned()
+        .collect();
+    session
+        .generate_key_pair(mechanism, &without_usage, private)
+        .map_err(Error::pkcs11("generate key pair (C_GenerateKeyPair)"))
+}
+
+fn is_public_usage(attribute: &Attribute) -> bool {
+    matches!(
+        attribute,
+        Attribute::Verify(_) | Attribute::Encrypt(_) | Attribute::Wrap(_) | Attribute::Derive(_)
+    )
 }
 
 fn refuse_duplicates(
