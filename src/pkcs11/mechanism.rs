@@ -23,6 +23,8 @@ pub struct MechanismList {
     infos: BTreeMap<u64, (MechanismType, MechanismInfo)>,
     /// Mechanisms that answered `C_GetMechanismInfo` although `C_GetMechanismList` omitted them.
     unlisted: Vec<MechanismType>,
+    /// The module is tpm2-pkcs11, whose known gaps [`MechanismList::known_gap`] reports.
+    tpm2_pkcs11: bool,
 }
 
 impl MechanismList {
@@ -55,6 +57,9 @@ impl MechanismList {
                 list.unlisted.push(mechanism);
             }
         }
+        list.tpm2_pkcs11 = ctx
+            .get_library_info()
+            .is_ok_and(|info| info.manufacturer_id().trim() == TPM2_PKCS11_MANUFACTURER);
         Ok(list)
     }
 
@@ -68,13 +73,25 @@ impl MechanismList {
     /// True when the token can sign with `mechanism` using a key of `key_bits` bits.
     ///
     /// Tokens report key sizes in bits for RSA and EC alike (PKCS#11 2.40 and later); a token
-    /// that reports 0 as the maximum puts no limit there.
+    /// that reports 0 as the maximum puts no limit there. A mechanism with a
+    /// [known gap](MechanismList::known_gap) for this key size cannot sign.
     pub fn can_sign(&self, mechanism: MechanismType, key_bits: usize) -> bool {
         self.get(mechanism).is_some_and(|info| {
             info.sign()
                 && (info.min_key_size() == 0 || key_bits >= info.min_key_size())
                 && (info.max_key_size() == 0 || key_bits <= info.max_key_size())
-        })
+        }) && self
+            .known_gap(mechanism, key_bits)
+            .is_none()
+    }
+
+    /// Why the token cannot use `mechanism` with keys of `key_bits` bits although it offers it,
+    /// when that is known of its module (a module bug, not something the token reports).
+    pub fn known_gap(&self, mechanism: MechanismType, key_bits: usize) -> Option<&'static str> {
+        if !self.tpm2_pkcs11 {
+            return None;
+        }
+        tpm2_pkcs11_gap(mechanism, key_bits, self.is_unlisted(mechanism))
     }
 
     /// True when the mechanism was found only by asking for it.
@@ -122,7 +139,79 @@ pub fn mechanism_flags(info: &MechanismInfo) -> Vec<&'static str> {
     .collect()
 }
 
+/// `CK_INFO.manufacturerID` of tpm2-pkcs11.
+const TPM2_PKCS11_MANUFACTURER: &str = "tpm2-software.github.io";
+
+/// What tpm2-pkcs11 offers but cannot do, as seen with version 1.9 on swtpm.
+///
+/// LIMITATION: the list is keyed by the module, not its version, because no fixed version is
+/// known; a release that fixes a gap stays limited here until the entry is removed. Raw RSA
+/// and emulated PSS would work for keys with `CKA_DECRYPT=true`, which rustls-hsm never
+/// creates (a signing key must not decrypt), so they are refused for every key.
+fn tpm2_pkcs11_gap(
+    mechanism: MechanismType,
+    key_bits: usize,
+    unlisted: bool,
+) -> Option<&'static str> {
+    const P521_SIGN: [MechanismType; 6] = [
+        MechanismType::ECC_KEY_PAIR_GEN,
+        MechanismType::ECDSA,
+        MechanismType::ECDSA_SHA1,
+        MechanismType::ECDSA_SHA256,
+        MechanismType::ECDSA_SHA384,
+        MechanismType::ECDSA_SHA512,
+    ];
+    if P521_SIGN.contains(&mechanism) && key_bits > 384 {
+        return Some(
+            "tpm2-pkcs11 makes P-521 keys with a malformed CKA_EC_POINT; C_SignInit fails with \
+             CKR_HOST_MEMORY",
+        );
+    }
+    if mechanism == MechanismType::RSA_PKCS {
+        return Some(
+            "tpm2-pkcs11 signs it with TPM2_RSA_Decrypt, refused for sign-only keys \
+             (CKR_GENERAL_ERROR)",
+        );
+    }
+    if unlisted && PROBED_UNLISTED.contains(&mechanism) {
+        return Some(
+            "unlisted; tpm2-pkcs11 emulates it with TPM2_RSA_Decrypt, refused for sign-only keys \
+             (CKR_GENERAL_ERROR)",
+        );
+    }
+    None
+}
+
 #[allow(clippy::useless_conversion)]
 fn mech_number(mechanism: MechanismType) -> u64 {
     u64::from(*mechanism)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Regression: on tpm2-pkcs11 1.9 every handshake with these mechanisms failed at C_Sign or
+    // C_SignInit although the token offered them.
+    #[test]
+    fn tpm2_pkcs11_gaps_cover_what_it_cannot_sign() {
+        for mechanism in [MechanismType::ECDSA, MechanismType::ECDSA_SHA512] {
+            assert!(tpm2_pkcs11_gap(mechanism, 521, false).is_some());
+            assert!(tpm2_pkcs11_gap(mechanism, 384, false).is_none());
+        }
+        assert!(tpm2_pkcs11_gap(MechanismType::ECC_KEY_PAIR_GEN, 521, false).is_some());
+        assert!(tpm2_pkcs11_gap(MechanismType::RSA_PKCS, 2048, false).is_some());
+        assert!(tpm2_pkcs11_gap(MechanismType::SHA256_RSA_PKCS_PSS, 2048, true).is_some());
+        // Listed PSS (a token made with tpm2_ptool) and hash-and-sign PKCS#1 are left alone.
+        assert!(tpm2_pkcs11_gap(MechanismType::SHA256_RSA_PKCS_PSS, 2048, false).is_none());
+        assert!(tpm2_pkcs11_gap(MechanismType::SHA256_RSA_PKCS, 3072, false).is_none());
+    }
+
+    #[test]
+    fn other_modules_have_no_known_gaps() {
+        let list = MechanismList::default();
+        assert!(list
+            .known_gap(MechanismType::ECDSA, 521)
+            .is_none());
+    }
 }

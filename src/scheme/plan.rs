@@ -287,10 +287,14 @@ fn pick(methods: &[Method], mechanisms: &MechanismList, bits: usize) -> Result<M
         .iter()
         .map(|m| {
             let mechanism = m.mechanism();
-            match mechanisms.get(mechanism) {
-                None => format!("no {mechanism}"),
-                Some(info) if !info.sign() => format!("{mechanism} cannot sign"),
-                Some(info) => format!(
+            match (
+                mechanisms.get(mechanism),
+                mechanisms.known_gap(mechanism, bits),
+            ) {
+                (None, _) => format!("no {mechanism}"),
+                (Some(info), _) if !info.sign() => format!("{mechanism} cannot sign"),
+                (Some(_), Some(why)) => format!("{mechanism} unusable: {why}"),
+                (Some(info), None) => format!(
                     "{mechanism} takes {}..{} bit keys, not {bits}",
                     info.min_key_size(),
                     info.max_key_size()
