@@ -192,4 +192,5 @@ pub fn text(out: &Output) -> String {
 
 pub mod cli;
 pub mod keys;
+pub mod stack;
 pub mod tls;

@@ -23,6 +23,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// A throwaway software CA.
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
+    /// The CA key again, for signing by hand what rcgen cannot build (see [`TestCa::sign`]).
+    key: KeyPair,
     pub cert: CertificateDer<'static>,
 }
 
@@ -35,10 +37,17 @@ impl TestCa {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "rustls-hsm test CA");
         let cert = params.self_signed(&key).unwrap();
+        let copy = KeyPair::try_from(key.serialize_der().as_slice()).unwrap();
         Self {
             issuer: Issuer::new(params, key),
+            key: copy,
             cert: cert.der().clone(),
         }
+    }
+
+    /// Signs `data` with the CA key (ECDSA P-256 with SHA-256, DER), as in its certificates.
+    pub fn sign(&self, data: &[u8]) -> Vec<u8> {
+        rcgen::SigningKey::sign(&self.key, data).unwrap()
     }
 
     /// A leaf certificate for `localhost` certifying `spki` (the HSM key's public key).
