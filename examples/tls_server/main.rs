@@ -124,7 +124,7 @@ fn run(args: &Args, dev_paths: Option<dev::DevPaths>) -> anyhow::Result<()> {
         }
         serve::serve(
             listener,
-            signals,
+            signals.recv(),
             served.tls.clone(),
             Duration::from_secs(args.shutdown_timeout),
         )

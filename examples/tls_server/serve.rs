@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -92,7 +93,8 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> &'static str {
+    /// The name of the first signal that arrives.
+    pub(crate) async fn recv(mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
@@ -100,15 +102,17 @@ impl Signals {
     }
 }
 
-/// Serves until a signal, then stops accepting and waits for connections to finish.
+/// Serves until `shutdown` gives its reason (a signal's name, say), then stops accepting and
+/// waits for connections to finish.
 pub(crate) async fn serve(
     listener: TcpListener,
-    mut signals: Signals,
+    shutdown: impl Future<Output = &'static str>,
     tls: Arc<TlsSettings>,
     shutdown_timeout: Duration,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
     let http = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut shutdown = std::pin::pin!(shutdown);
     let reason = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -122,7 +126,7 @@ pub(crate) async fn serve(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            reason = signals.recv() => break reason,
+            reason = &mut shutdown => break reason,
         }
     };
     drop(listener);
