@@ -5,12 +5,13 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
+use super::Fault;
 use crate::pkcs11::{rv_of, rv_text, Module};
 
 /// Opens read-write sessions on one slot.
@@ -23,6 +24,20 @@ pub(crate) struct SessionManager {
     /// Set when the pool is being closed: r2d2's background threads must not open sessions
     /// while the module is being finalized.
     pub(crate) closing: Arc<AtomicBool>,
+    /// The first token or module fault seen while opening or checking a session: r2d2 would
+    /// only retry until the checkout timeout, so the pool reports it and reloads instead.
+    pub(crate) token_fault: Arc<Mutex<Option<(RvError, String)>>>,
+}
+
+impl SessionManager {
+    fn note(&self, e: &CkError) {
+        if let Some(rv) = rv_of(e).filter(|rv| Fault::of(*rv) == Fault::Token) {
+            self.token_fault
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get_or_insert_with(|| (rv, rv_text(e)));
+        }
+    }
 }
 
 /// A pooled session with a flag the signer sets when the session must not be reused.
@@ -83,6 +98,7 @@ impl r2d2::ManageConnection for SessionManager {
                     self.session_count_hit
                         .store(true, Ordering::Release);
                 }
+                self.note(&e);
                 Err(SessionError(e))
             }
         }
@@ -92,7 +108,10 @@ impl r2d2::ManageConnection for SessionManager {
         conn.session
             .get_session_info()
             .map(drop)
-            .map_err(SessionError)
+            .map_err(|e| {
+                self.note(&e);
+                SessionError(e)
+            })
     }
 
     fn has_broken(&self, conn: &mut PooledSession) -> bool {

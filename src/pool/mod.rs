@@ -96,6 +96,9 @@ pub(crate) struct TokenPool {
     state: RwLock<State>,
     recovery: Mutex<Recovery>,
     recovered: Condvar,
+    /// Live tokens a fault took down, kept until the reload drains them: dropping one closes
+    /// its sessions, which must not race the module's re-initialisation.
+    retired: Mutex<Vec<Arc<Live>>>,
     pub(crate) stats: Stats,
     /// Names the token in errors, fixed at first load.
     pub(crate) name: String,
@@ -128,6 +131,8 @@ pub(crate) struct Live {
     pool: r2d2::Pool<SessionManager>,
     gate: Gate,
     session_count_hit: Arc<AtomicBool>,
+    /// A token fault seen by the session manager (see [`SessionManager`]).
+    token_fault: Arc<Mutex<Option<(RvError, String)>>>,
     closing: Arc<AtomicBool>,
     in_flight: AtomicUsize,
     max_size: u32,
@@ -174,6 +179,7 @@ impl TokenPool {
             state: RwLock::new(State::Down("not loaded yet".into())),
             recovery: Mutex::new(Recovery::default()),
             recovered: Condvar::new(),
+            retired: Mutex::new(Vec::new()),
             stats: Stats::default(),
             name: String::new(),
         };
@@ -248,20 +254,55 @@ impl TokenPool {
             }
             None => {
                 self.stats.pool_wait();
-                let left = timeout.saturating_sub(started.elapsed());
-                live.pool
-                    .get_timeout(left)
-                    .map_err(|e| {
-                        self.stats.pool_timeout();
-                        debug!(error = %e, "pool checkout failed");
-                        busy()
-                    })?
+                self.wait_for_session(live, started)?
             }
         };
         Ok(Checkout {
             session,
             _permit: permit,
         })
+    }
+
+    /// Waits for a pooled session until the checkout timeout, in short steps so that a token
+    /// fault seen while opening or checking sessions fails the checkout at once and starts a
+    /// reload, instead of waiting out the timeout on a token that is gone.
+    fn wait_for_session(
+        self: &Arc<Self>,
+        live: &Live,
+        started: Instant,
+    ) -> Result<r2d2::PooledConnection<SessionManager>, Error> {
+        const STEP: Duration = Duration::from_millis(50);
+        let timeout = self.config.checkout_timeout;
+        loop {
+            let fault = live
+                .token_fault
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+            if let Some((rv, reason)) = fault {
+                self.fault(live, format!("opening a session: {reason}"));
+                self.stats.error(&rv_name(rv));
+                self.stats.fail_fast();
+                return Err(Error::Unavailable {
+                    token: self.name.clone(),
+                    reason,
+                    interval: self.config.reload_interval,
+                });
+            }
+            let left = timeout.saturating_sub(started.elapsed());
+            match live.pool.get_timeout(left.min(STEP)) {
+                Ok(session) => return Ok(session),
+                Err(e) if left <= STEP => {
+                    self.stats.pool_timeout();
+                    debug!(error = %e, "pool checkout failed");
+                    return Err(Error::Busy {
+                        token: self.name.clone(),
+                        waited: timeout,
+                    });
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Logs in again if the token forgot the login (all sessions were closed, say).
@@ -297,7 +338,7 @@ impl TokenPool {
                     return;
                 }
                 warn!(token = %live.token.label, reason = %reason, "token unavailable; reloading the module in the background");
-                *state = State::Down(reason);
+                self.retire(std::mem::replace(&mut *state, State::Down(reason)));
             }
         }
         self.start_recovery();
@@ -324,6 +365,28 @@ impl TokenPool {
         if let State::Up(live) = old {
             drain(live);
         }
+        for live in self.take_retired() {
+            drain(live);
+        }
+    }
+
+    /// Keeps a live token taken down for the reload to drain.
+    fn retire(&self, old: State) {
+        if let State::Up(live) = old {
+            self.retired
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(live);
+        }
+    }
+
+    fn take_retired(&self) -> Vec<Arc<Live>> {
+        std::mem::take(
+            &mut *self
+                .retired
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     fn login(&self, token: &Token, session: &Session) -> Result<(), Error> {
@@ -364,11 +427,13 @@ impl TokenPool {
         let max_size = pool_cap(self.config.pool_size, &token);
         let session_count_hit = Arc::new(AtomicBool::new(false));
         let closing = Arc::new(AtomicBool::new(false));
+        let token_fault = Arc::new(Mutex::new(None));
         let manager = SessionManager {
             module: self.module.clone(),
             slot: token.slot,
             session_count_hit: session_count_hit.clone(),
             closing: closing.clone(),
+            token_fault: token_fault.clone(),
         };
         let pool = r2d2::Pool::builder()
             .max_size(max_size)
@@ -394,6 +459,7 @@ impl TokenPool {
             gate: Gate::new(max_size as usize),
             session_count_hit,
             closing,
+            token_fault,
             in_flight: AtomicUsize::new(0),
             max_size,
         })
@@ -406,7 +472,8 @@ impl TokenPool {
             let mut state = self.write_state();
             if let State::Up(live) = &*state {
                 if live.generation != self.module.generation() {
-                    *state = State::Down("the module was re-initialised".into());
+                    let down = State::Down("the module was re-initialised".into());
+                    self.retire(std::mem::replace(&mut *state, down));
                 }
             }
         }
@@ -474,18 +541,24 @@ impl TokenPool {
     fn attempt_reload(&self) -> Result<(), (Error, bool)> {
         let old = match std::mem::replace(&mut *self.write_state(), State::Down("reloading".into()))
         {
-            State::Up(live) => Some(live),
+            State::Up(live) => vec![live],
             State::Closed => {
                 *self.write_state() = State::Closed;
                 return Ok(());
             }
-            State::Down(_) => None,
+            State::Down(_) => Vec::new(),
         };
+        let old: Vec<Arc<Live>> = old
+            .into_iter()
+            .chain(self.take_retired())
+            .collect();
         let seen = old
-            .as_ref()
-            .map_or(self.module.generation(), |l| l.generation);
-        if let Some(old) = old {
-            drain(old);
+            .iter()
+            .map(|l| l.generation)
+            .max()
+            .unwrap_or_else(|| self.module.generation());
+        for live in old {
+            drain(live);
         }
         if self.module.generation() == seen {
             self.module
@@ -581,7 +654,8 @@ fn e_rv(e: &Error) -> Option<RvError> {
 /// not finish, the sessions are leaked rather than closed later: after a re-initialisation
 /// their handle numbers may name other sessions.
 fn drain(live: Arc<Live>) {
-    live.closing.store(true, Ordering::Release);
+    live.closing
+        .store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(5);
     while (live.in_flight.load(Ordering::Acquire) > 0 || Arc::strong_count(&live) > 1)
         && Instant::now() < deadline
