@@ -7,6 +7,10 @@
 #   user.pin, so.pin   the PINs, mode 0600;
 #   *.pid      the pids of the processes the stack started, for its stop script.
 
+# Say which command failed: the tools these scripts drive often fail without a word.
+set -E
+trap 'status=$?; echo "${0##*/}: line $LINENO: \`$BASH_COMMAND\` failed (exit status $status)" >&2' ERR
+
 STACKS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOKEN_LABEL="${STACK_TOKEN_LABEL:-rustls-hsm-test}"
 
@@ -50,32 +54,40 @@ wait_for() {
   "$@"
 }
 
-# is_running PIDFILE: the process named in PIDFILE is alive
-is_running() {
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+# is_alive PID: the process exists and is not a zombie (daemons re-parented to an init that
+# does not reap stay zombies)
+is_alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 
-# kill_pidfile PIDFILE: ends that process (TERM, then KILL after 2 s) and its pid file
+# is_running PIDFILE: the process named in PIDFILE is alive
+is_running() {
+  [ -f "$1" ] && is_alive "$(cat "$1")"
+}
+
+# kill_pidfile PIDFILE: kills that process (SIGKILL: the stacks simulate crashes, and nothing
+# of theirs needs a clean shutdown) and removes its pid file
 kill_pidfile() {
   local file=$1 pid i
   [ -f "$file" ] || return 0
   pid=$(cat "$file")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for ((i = 0; i < 40; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.05
-    done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
+  kill -9 "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    is_alive "$pid" || break
+    sleep 0.02
+  done
   rm -f "$file"
 }
 
-# free_port_pair: prints a port P such that P and P+1 seem free on 127.0.0.1
+# free_port_pair: prints a port P such that P and P+1 seem free on 127.0.0.1, below the
+# ephemeral range (a port there can be taken by any outgoing connection at any time)
 free_port_pair() {
-  local p i
+  local low p i
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
   for ((i = 0; i < 50; i++)); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((10000 + RANDOM % (low - 10002)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null \
       && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
       echo "$p"
