@@ -83,9 +83,14 @@ fn after_a_reinitialisation_behind_our_back_only_the_right_key_signs() {
             Some(&token.user_pin().into()),
         )
         .unwrap();
-    for i in 0..3 {
+    // Keys of other types under the old handle numbers give other errors than a P-256 key
+    // would: a 132-byte P-521 signature, an RSA key refusing ECDSA.
+    for (i, spec) in ["ec:p521", "rsa:2048", "ec:p256", "ec:p521"]
+        .iter()
+        .enumerate()
+    {
         let label = format!("other-{i}");
-        let spec = "ec:p256".parse().unwrap();
+        let spec = spec.parse().unwrap();
         generate_key_pair(&session, "signer", &label, spec, None, BackupPolicy::None).unwrap();
         find_key(&session, &KeySelector::label(&label), "signer", true).unwrap();
     }

@@ -561,3 +561,45 @@ fn established_connections_are_served_while_handshakes_queue_on_a_slow_token() {
         "worst ping {worst_ping:?} vs median handshake {median_handshake:?}"
     );
 }
+
+// A token whose administrator disabled RSA-PSS still answers C_GetMechanismInfo for it; such
+// keys once loaded with PSS planned and every TLS 1.3 handshake failed with
+// CKR_MECHANISM_INVALID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mechanisms_the_token_does_not_list_are_never_planned() {
+    let (hsm, token) = token_with_keys(&["rsa:2048"]);
+    // SoftHSM 2.6.1 skips the first name of a `-` list, so it comes twice.
+    hsm.restrict_mechanisms(
+        "-CKM_RSA_PKCS_PSS,CKM_RSA_PKCS_PSS,CKM_SHA1_RSA_PKCS_PSS,CKM_SHA224_RSA_PKCS_PSS,CKM_SHA256_RSA_PKCS_PSS,\
+         CKM_SHA384_RSA_PKCS_PSS,CKM_SHA512_RSA_PKCS_PSS",
+    );
+    // SoftHSM reads its configuration at C_Initialize: start a new process's worth of module.
+    let module = Module::load(&hsm.module).unwrap();
+    module
+        .reinitialize(module.generation())
+        .unwrap();
+    drop(module);
+
+    let hsm_token = build(&hsm, &token, |b| b);
+    let err = hsm_token
+        .key(&KeySelector::label("rsa:2048"))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::NoTls13 { .. }), "{text}");
+    assert!(text.contains("CKM_RSA_PKCS_PSS"), "{text}");
+
+    // Accepted for TLS 1.2 when asked, and then signing by PKCS#1 v1.5 only.
+    let tls12 = build(&hsm, &token, |b| b.tls12_only(true));
+    let rsa = key(&tls12, "rsa:2048");
+    assert!(rsa
+        .schemes()
+        .usable()
+        .all(|(s, _)| rustls_hsm::scheme::is_pkcs1(s)));
+    let ca = TestCa::new();
+    let server = server_for(&ca, &[&rsa]).await;
+    let version = handshake(server.addr, client_config(&ca, TLS12, &[]))
+        .await
+        .unwrap();
+    assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
+    assert!(tls12.stats().errors.is_empty(), "{:?}", tls12.stats());
+}

@@ -3,6 +3,7 @@
 
 mod token;
 
+use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -20,7 +21,7 @@ use crate::Error;
 pub use token::{HsmToken, HsmTokenBuilder};
 
 /// A private key on a token, usable by rustls as a `SigningKey`. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HsmKey {
     inner: Arc<KeyInner>,
 }
@@ -252,13 +253,18 @@ impl HsmKey {
                 Ok(signature) => return Ok(signature),
                 Err(err) => err,
             };
-            let rv = match &err {
-                SignError::Token(e) => rv_of(e),
-                _ => None,
+            let (rv, fault) = match &err {
+                SignError::Token(e) => {
+                    let rv = rv_of(e);
+                    (rv, rv.map_or(Fault::Other, Fault::of))
+                }
+                // Output that does not fit the key (a 132-byte signature from a P-256 key, say)
+                // means the handle now names another object.
+                _ => (None, Fault::Handle),
             };
-            let fault = rv.map_or(Fault::Other, Fault::of);
-            if let Some(rv) = rv {
-                pool.stats.error(&rv_name(rv));
+            match rv {
+                Some(rv) => pool.stats.error(&rv_name(rv)),
+                None => pool.stats.error("bad_signature_output"),
             }
             debug!(key = %self.inner.label, scheme = %scheme_name(scheme), mechanism = %method.mechanism(), rv = ?rv, ?fault, "signature failed");
             match fault {
@@ -371,6 +377,18 @@ impl HsmKey {
             self.inner.label,
             hex::encode(&self.inner.id)
         )
+    }
+}
+
+impl fmt::Debug for HsmKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmKey")
+            .field("token", &self.inner.pool.name)
+            .field("label", &self.inner.label)
+            .field("id", &hex::encode(&self.inner.id))
+            .field("kind", &self.inner.kind)
+            .field("fingerprint", &self.inner.fingerprint)
+            .finish_non_exhaustive()
     }
 }
 

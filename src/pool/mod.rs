@@ -86,7 +86,6 @@ pub(crate) struct PoolConfig {
 }
 
 /// One token's sessions, login and recovery state, shared by its keys.
-#[derive(Debug)]
 pub(crate) struct TokenPool {
     module: Module,
     selector: TokenSelector,
@@ -158,6 +157,16 @@ impl Drop for Flight {
         self.0
             .in_flight
             .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for TokenPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenPool")
+            .field("token", &self.name)
+            .field("module", &self.module.path())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 

@@ -126,6 +126,14 @@ impl TestHsm {
         path
     }
 
+    /// Makes SoftHSM hide mechanisms, as an administrator can (`slots.mechanisms`), e.g.
+    /// `-CKM_RSA_PKCS_PSS,CKM_SHA256_RSA_PKCS_PSS` to disable those two.
+    pub fn restrict_mechanisms(&self, spec: &str) {
+        let mut conf = fs::read_to_string(&self.conf).unwrap();
+        conf.push_str(&format!("slots.mechanisms = {spec}\n"));
+        fs::write(&self.conf, conf).unwrap();
+    }
+
     /// Points this process's SoftHSM at the store. Call before anything loads the module.
     ///
     /// Safe only with one process per test (cargo-nextest), before other threads start.
