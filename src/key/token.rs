@@ -268,6 +268,7 @@ impl HsmTokenBuilder {
         if let Some(pool) = registry
             .get(&id)
             .and_then(Weak::upgrade)
+            .filter(|pool| !pool.is_closed())
         {
             if !same_pin(pool.pin(), &pin) {
                 return Err(Error::Config(format!(

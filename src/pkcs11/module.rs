@@ -56,14 +56,17 @@ impl Module {
         let mut registry = registry()
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A module finalized by `finalize` is initialised anew, as a new generation of handles.
         if let Some(inner) = registry
             .get(&canonical)
             .and_then(Weak::upgrade)
+            .filter(|inner| !inner.finalized.load(Ordering::Acquire))
         {
             return Ok(Self { inner });
         }
         check_shared_object(&canonical)?;
         let ctx = Pkcs11::new(&canonical).map_err(|e| load_error(&canonical, e))?;
+        keep_loaded(&ctx);
         let ours = initialize(&ctx, &canonical)?;
         debug!(module = %canonical.display(), ours, "module initialised");
         let inner = Arc::new(Inner {
@@ -191,6 +194,19 @@ impl Drop for Inner {
             warn!(module = %self.path.display(), error = %e, "finalizing module failed");
         }
     }
+}
+
+/// Keeps the shared library mapped until the process exits.
+///
+/// Unloading a module runs its static destructors; done on whatever thread drops the last
+/// handle, that can race the process's own exit handlers (SoftHSM crashes). A loaded module
+/// costs only its mapping, so it is never unloaded.
+fn keep_loaded(ctx: &Pkcs11) {
+    static KEPT: OnceLock<Mutex<Vec<Pkcs11>>> = OnceLock::new();
+    KEPT.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(ctx.clone());
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<Inner>>> {

@@ -4,21 +4,28 @@
 //! never reused; on checkout a session is checked with `C_GetSessionInfo`.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
 use super::Fault;
-use crate::pkcs11::{rv_of, rv_text, Module};
+use crate::pkcs11::{rv_of, rv_text};
 
 /// Opens read-write sessions on one slot.
+///
+/// It holds the module's cryptoki context, not a [`crate::pkcs11::Module`]: r2d2 may drop its
+/// manager on one of its own threads, and that must never be what finalizes the module.
 #[derive(Debug)]
 pub(crate) struct SessionManager {
-    pub(crate) module: Module,
+    pub(crate) ctx: Pkcs11,
     pub(crate) slot: Slot,
+    /// Sessions opened and not yet closed, so that the pool can wait for r2d2's threads to
+    /// close them all before the module is finalized.
+    pub(crate) open: Arc<AtomicUsize>,
     /// Set when the token said it has no more sessions to give.
     pub(crate) session_count_hit: Arc<AtomicBool>,
     /// Set when the pool is being closed: r2d2's background threads must not open sessions
@@ -43,8 +50,10 @@ impl SessionManager {
 /// A pooled session with a flag the signer sets when the session must not be reused.
 #[derive(Debug)]
 pub(crate) struct PooledSession {
-    session: Session,
+    /// Always `Some` until dropped.
+    session: Option<Session>,
     broken: bool,
+    open: Arc<AtomicUsize>,
 }
 
 impl PooledSession {
@@ -58,13 +67,25 @@ impl Deref for PooledSession {
     type Target = Session;
 
     fn deref(&self) -> &Session {
-        &self.session
+        self.session
+            .as_ref()
+            .expect("a pooled session is only taken out when it is dropped")
     }
 }
 
 impl DerefMut for PooledSession {
     fn deref_mut(&mut self) -> &mut Session {
-        &mut self.session
+        self.session
+            .as_mut()
+            .expect("a pooled session is only taken out when it is dropped")
+    }
+}
+
+impl Drop for PooledSession {
+    fn drop(&mut self) {
+        // Closes the session (C_CloseSession), then counts it closed.
+        drop(self.session.take());
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -84,15 +105,15 @@ impl r2d2::ManageConnection for SessionManager {
                 cryptoki::context::Function::OpenSession,
             )));
         }
-        match self
-            .module
-            .context()
-            .open_rw_session(self.slot)
-        {
-            Ok(session) => Ok(PooledSession {
-                session,
-                broken: false,
-            }),
+        match self.ctx.open_rw_session(self.slot) {
+            Ok(session) => {
+                self.open.fetch_add(1, Ordering::AcqRel);
+                Ok(PooledSession {
+                    session: Some(session),
+                    broken: false,
+                    open: self.open.clone(),
+                })
+            }
             Err(e) => {
                 if rv_of(&e) == Some(RvError::SessionCount) {
                     self.session_count_hit
@@ -105,8 +126,7 @@ impl r2d2::ManageConnection for SessionManager {
     }
 
     fn is_valid(&self, conn: &mut PooledSession) -> Result<(), SessionError> {
-        conn.session
-            .get_session_info()
+        conn.get_session_info()
             .map(drop)
             .map_err(|e| {
                 self.note(&e);

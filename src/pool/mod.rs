@@ -133,6 +133,8 @@ pub(crate) struct Live {
     /// A token fault seen by the session manager (see [`SessionManager`]).
     token_fault: Arc<Mutex<Option<(RvError, String)>>>,
     closing: Arc<AtomicBool>,
+    /// Pooled sessions open now; see [`drain`].
+    open_sessions: Arc<AtomicUsize>,
     in_flight: AtomicUsize,
     max_size: u32,
 }
@@ -157,6 +159,13 @@ impl Drop for Flight {
         self.0
             .in_flight
             .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for TokenPool {
+    /// Closes every session before the module handle goes (and with it, perhaps, `C_Finalize`).
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -368,6 +377,11 @@ impl TokenPool {
         }
     }
 
+    /// True once [`TokenPool::shutdown`] ran.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(*self.read_state(), State::Closed)
+    }
+
     /// Closes every session; later calls fail with [`Error::ShutDown`].
     pub(crate) fn shutdown(&self) {
         let old = std::mem::replace(&mut *self.write_state(), State::Closed);
@@ -437,8 +451,10 @@ impl TokenPool {
         let session_count_hit = Arc::new(AtomicBool::new(false));
         let closing = Arc::new(AtomicBool::new(false));
         let token_fault = Arc::new(Mutex::new(None));
+        let open_sessions = Arc::new(AtomicUsize::new(0));
         let manager = SessionManager {
-            module: self.module.clone(),
+            ctx: self.module.context().clone(),
+            open: open_sessions.clone(),
             slot: token.slot,
             session_count_hit: session_count_hit.clone(),
             closing: closing.clone(),
@@ -468,6 +484,7 @@ impl TokenPool {
             gate: Gate::new(max_size as usize),
             session_count_hit,
             closing,
+            open_sessions,
             token_fault,
             in_flight: AtomicUsize::new(0),
             max_size,
@@ -659,9 +676,11 @@ fn e_rv(e: &Error) -> Option<RvError> {
     }
 }
 
-/// Waits (bounded) for operations on `live` to finish, then closes its sessions. If they do
-/// not finish, the sessions are leaked rather than closed later: after a re-initialisation
-/// their handle numbers may name other sessions.
+/// Waits (bounded) for operations on `live` to finish, then closes its sessions and waits
+/// until r2d2's threads have closed them all, so that nothing touches the module once this
+/// returns (it may be finalized next). If operations do not finish, the sessions are leaked
+/// rather than closed later: after a re-initialisation their handle numbers may name other
+/// sessions.
 fn drain(live: Arc<Live>) {
     live.closing
         .store(true, Ordering::Release);
@@ -674,6 +693,18 @@ fn drain(live: Arc<Live>) {
     if Arc::strong_count(&live) > 1 {
         warn!(token = %live.token.label, "operations still in flight after 5 s; abandoning their sessions");
         std::mem::forget(live);
+        return;
+    }
+    let open = live.open_sessions.clone();
+    let label = live.token.label.clone();
+    // Dropping the pool closes its idle sessions, here or on an r2d2 thread still finishing a
+    // job.
+    drop(live);
+    while open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    if open.load(Ordering::Acquire) > 0 {
+        warn!(token = %label, "pooled sessions still open after 5 s");
     }
 }
 
