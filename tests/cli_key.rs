@@ -336,6 +336,229 @@ fn imports_pkcs8_sec1_and_pkcs1_keys_as_non_extractable() {
     }
 }
 
+#[test]
+fn imports_openssl_ecparam_output_with_its_parameters_block() {
+    // `openssl ecparam -genkey` writes EC PARAMETERS before the key; import failed on the
+    // second block with "PEM error in post-encapsulation boundary".
+    let (hsm, token) = TestHsm::with_token("signer");
+    let key = hsm.path().join("ecparam.pem");
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey"], &key);
+    let pem = std::fs::read_to_string(&key).unwrap();
+    assert!(pem.starts_with("-----BEGIN EC PARAMETERS-----"), "{pem}");
+
+    ok(hsm.cli_login(&token, &import_args("ecparam", &key)));
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    assert_eq!(listed["keys"][0]["label"], "ecparam", "{listed:#}");
+    assert_eq!(
+        listed["keys"][0]["spki_sha256"],
+        spki_sha256_by_openssl(&key).as_str(),
+        "{listed:#}"
+    );
+}
+
+#[test]
+fn imports_a_key_stored_with_its_certificate_in_either_order() {
+    // A PEM file with the key and its certificate failed whichever came first.
+    let (hsm, token) = TestHsm::with_token("signer");
+    let key = hsm.path().join("key.pem");
+    let cert = hsm.path().join("cert.pem");
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+        ],
+        &key,
+    );
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=a.test",
+            "-days",
+            "1",
+        ],
+        &cert,
+    );
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let cert_pem = std::fs::read_to_string(&cert).unwrap();
+    for (label, text) in [
+        ("key-first", format!("{key_pem}{cert_pem}")),
+        ("cert-first", format!("{cert_pem}{key_pem}")),
+    ] {
+        let path = hsm.path().join(format!("{label}.pem"));
+        std::fs::write(&path, text).unwrap();
+        ok(hsm.cli_login(&token, &import_args(label, &path)));
+    }
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    let fingerprint = spki_sha256_by_openssl(&key);
+    for key in listed["keys"].as_array().unwrap() {
+        assert_eq!(key["spki_sha256"], fingerprint.as_str(), "{listed:#}");
+    }
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 2, "{listed:#}");
+}
+
+#[test]
+fn imports_a_key_file_that_starts_with_a_byte_order_mark() {
+    // A UTF-8 BOM (Windows editors) failed with "PEM preamble contains invalid data".
+    let (hsm, token) = TestHsm::with_token("signer");
+    let key = random_p256();
+    let pem = key
+        .to_pkcs8_pem(LineEnding::CRLF)
+        .unwrap();
+    let path = hsm.path().join("bom.pem");
+    std::fs::write(&path, format!("\u{feff}{}", pem.as_str())).unwrap();
+
+    ok(hsm.cli_login(&token, &import_args("bom", &path)));
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    let spki = key
+        .public_key()
+        .to_public_key_der()
+        .unwrap();
+    assert_eq!(
+        listed["keys"][0]["spki_sha256"],
+        hex::encode(Sha256::digest(spki.as_bytes())).as_str(),
+        "{listed:#}"
+    );
+}
+
+#[test]
+fn import_errors_say_what_was_found_and_what_is_accepted() {
+    // Import errors were PEM parser jargon prefixed "key generation:".
+    let (hsm, token) = TestHsm::with_token("signer");
+    let key = hsm.path().join("key.pem");
+    let cert = hsm.path().join("cert.pem");
+    let encrypted = hsm.path().join("encrypted.pem");
+    let empty = hsm.path().join("empty.pem");
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+        &key,
+    );
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=a.test",
+            "-days",
+            "1",
+        ],
+        &cert,
+    );
+    openssl(
+        &[
+            "pkey",
+            "-in",
+            key.to_str().unwrap(),
+            "-aes256",
+            "-passout",
+            "pass:secret",
+        ],
+        &encrypted,
+    );
+    std::fs::write(&empty, "").unwrap();
+    let accepted = "expected PRIVATE KEY (PKCS#8), EC PRIVATE KEY (SEC1) or RSA PRIVATE KEY \
+                    (PKCS#1)";
+    let cases = [
+        (
+            &cert,
+            "key import: no private key in the PEM text: found CERTIFICATE; ",
+        ),
+        (
+            &encrypted,
+            "key import: the key is encrypted (ENCRYPTED PRIVATE KEY): decrypt it first",
+        ),
+        (&empty, "key import: the PEM text is empty; "),
+    ];
+    for (path, message) in cases {
+        let err = fails(hsm.cli_login(&token, &import_args("k", path)));
+        assert!(
+            err.contains(&format!("importing {}", path.display())),
+            "{err}"
+        );
+        assert!(err.contains(message), "{err}");
+        assert!(!err.contains("key generation"), "{err}");
+        if path != &encrypted {
+            assert!(err.contains(accepted), "{err}");
+        }
+    }
+    let der = hsm.path().join("key.der");
+    openssl(
+        &["pkey", "-in", key.to_str().unwrap(), "-outform", "DER"],
+        &der,
+    );
+    let err = fails(hsm.cli_login(&token, &import_args("k", &der)));
+    assert!(err.contains("is not PEM text but binary data"), "{err}");
+    assert!(err.contains("openssl pkey -inform DER"), "{err}");
+    assert!(private_keys_seen_by_pkcs11_tool(&hsm, &token).is_empty());
+}
+
+#[test]
+fn import_refuses_rsa_below_2048_bits() {
+    // A 1024-bit key went onto the token although no TLS peer would accept its signatures.
+    let (hsm, token) = TestHsm::with_token("signer");
+    let key = hsm.path().join("rsa1024.pem");
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+        ],
+        &key,
+    );
+
+    let err = fails(hsm.cli_login(&token, &import_args("weak", &key)));
+    assert!(
+        err.contains("key import: RSA-1024 is below 2048 bits, the least TLS peers accept"),
+        "{err}"
+    );
+    assert!(private_keys_seen_by_pkcs11_tool(&hsm, &token).is_empty());
+}
+
+/// `key import --label LABEL --in PATH`.
+fn import_args<'a>(label: &'a str, path: &'a std::path::Path) -> [&'a str; 6] {
+    [
+        "key",
+        "import",
+        "--label",
+        label,
+        "--in",
+        path.to_str().unwrap(),
+    ]
+}
+
+/// Lowercase hex SHA-256 of the SubjectPublicKeyInfo of a PEM key file, computed by openssl.
+fn spki_sha256_by_openssl(key: &std::path::Path) -> String {
+    let spki = key.with_extension("spki");
+    openssl(
+        &[
+            "pkey",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-in",
+            key.to_str().unwrap(),
+        ],
+        &spki,
+    );
+    hex::encode(Sha256::digest(std::fs::read(&spki).unwrap()))
+}
+
 /// A key pair made by pkcs11-tool, not by us.
 fn tool_keypair(hsm: &TestHsm, token: &TestToken, label: &str, id: &str) {
     tool_ok(hsm.pkcs11_tool(&[

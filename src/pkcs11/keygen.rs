@@ -4,19 +4,21 @@
 //! generation the ones that protect the key are read back: a token that did not honour them
 //! gets its new objects destroyed and the caller an error naming the attribute.
 
+mod material;
+
 use std::fmt;
 use std::str::FromStr;
 
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use der::Encode;
-use pkcs8::{DecodePrivateKey, PrivateKeyInfo};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use super::keys::{read_key, Curve, KeyKind, KeyObject, KeySelector};
 use super::Error;
+use material::KeyMaterial;
 
 /// A key type and size that `key generate` accepts, e.g. `ec:p256` or `rsa:3072`.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -119,8 +121,16 @@ pub fn generate_session_key_pair(
 /// Imports a PEM private key (PKCS#8, SEC1 or PKCS#1) as a sensitive, non-extractable key with
 /// its public half, both under `label` and the same `CKA_ID`.
 ///
-/// The key material passes through this process in zeroized buffers; the token marks the key
-/// `CKA_LOCAL=false`, which listings show as "imported".
+/// `pem` may hold other blocks too (certificates, `EC PARAMETERS`) and start with a UTF-8 byte
+/// order mark; it must hold exactly one unencrypted private key. The key material passes
+/// through this process in zeroized buffers; the token marks the key `CKA_LOCAL=false`, which
+/// listings show as "imported".
+///
+/// # Errors
+///
+/// [`Error::KeyImport`] when the text holds no usable key (saying what it holds and what is
+/// accepted), the key is encrypted, RSA below 2048 bits or on an unsupported curve, or the token
+/// did not keep it sensitive; [`Error::KeyExists`] for a label or id in use.
 pub fn import_private_key(
     session: &Session,
     token_label: &str,
@@ -128,11 +138,13 @@ pub fn import_private_key(
     id: Option<Vec<u8>>,
     pem: &str,
 ) -> Result<KeyObject, Error> {
-    let id = new_identity(session, token_label, label, id)?;
-    let material = KeyMaterial::from_pem(pem)?;
+    let material = KeyMaterial::from_pem(pem).map_err(|reason| Error::KeyImport { reason })?;
+    let id = new_identity(session, token_label, label, id).map_err(as_import_error)?;
     let mut public = public_template(label, &id, true);
     let mut private = private_template(label, &id, BackupPolicy::None, true);
-    material.fill(&mut public, &mut private)?;
+    material
+        .fill(&mut public, &mut private)
+        .map_err(as_import_error)?;
 
     let created = session
         .create_object(&private)
@@ -148,7 +160,7 @@ pub fn import_private_key(
     };
     let checked = read_key(session, private_handle).and_then(|key| {
         if !key.sensitive || key.extractable {
-            return Err(Error::KeyGeneration {
+            return Err(Error::KeyImport {
                 reason: "the token did not keep the imported key sensitive and non-extractable"
                     .into(),
             });
@@ -401,208 +413,12 @@ fn wipe(template: &mut [Attribute]) {
     }
 }
 
-/// A decoded private key, secret parts in zeroizing buffers.
-enum KeyMaterial {
-    Ec {
-        curve: Curve,
-        scalar: Zeroizing<Vec<u8>>,
-        point: Vec<u8>,
-    },
-    Ed25519 {
-        seed: Zeroizing<Vec<u8>>,
-        point: Vec<u8>,
-    },
-    Rsa(Box<rsa::RsaPrivateKey>),
-}
-
-impl KeyMaterial {
-    fn from_pem(pem: &str) -> Result<Self, Error> {
-        let bad = |reason: String| Error::KeyGeneration {
-            reason: format!("cannot import the key: {reason}"),
-        };
-        let (tag, der) = pem_rfc7468_decode(pem).map_err(bad)?;
-        match tag.as_str() {
-            "PRIVATE KEY" => Self::from_pkcs8(&der).map_err(bad),
-            "EC PRIVATE KEY" => {
-                let key = sec1::EcPrivateKey::try_from(der.as_slice())
-                    .map_err(|e| bad(format!("invalid SEC1 key: {e}")))?;
-                let curve = match key
-                    .parameters
-                    .and_then(|p| p.named_curve())
-                {
-                    Some(oid) => [Curve::P256, Curve::P384, Curve::P521]
-                        .into_iter()
-                        .find(|c| c.oid() == oid)
-                        .ok_or_else(|| bad(format!("unsupported curve {oid}")))?,
-                    // RFC 5915 wants the curve named, but RustCrypto's encoder leaves it out;
-                    // the scalar's length differs for every supported curve.
-                    None => [Curve::P256, Curve::P384, Curve::P521]
-                        .into_iter()
-                        .find(|c| c.field_len() == key.private_key.len())
-                        .ok_or_else(|| {
-                            bad("the SEC1 key names no curve, and its length fits none".into())
-                        })?,
-                };
-                ec_material(curve, key.private_key).map_err(bad)
-            }
-            "RSA PRIVATE KEY" => {
-                use pkcs1::DecodeRsaPrivateKey;
-                let key = rsa::RsaPrivateKey::from_pkcs1_der(&der)
-                    .map_err(|e| bad(format!("invalid PKCS#1 key: {e}")))?;
-                Ok(Self::Rsa(Box::new(key)))
-            }
-            other => Err(bad(format!(
-                "PEM label `{other}` is not a private key; expected PRIVATE KEY (PKCS#8), EC \
-                 PRIVATE KEY (SEC1) or RSA PRIVATE KEY (PKCS#1); encrypted keys must be \
-                 decrypted first"
-            ))),
-        }
+/// An import failure for a check shared with key generation.
+fn as_import_error(e: Error) -> Error {
+    match e {
+        Error::KeyGeneration { reason } => Error::KeyImport { reason },
+        other => other,
     }
-
-    fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
-        let info = PrivateKeyInfo::try_from(der).map_err(|e| format!("invalid PKCS#8: {e}"))?;
-        let alg = info.algorithm.oid;
-        if alg == const_oid::db::rfc5912::RSA_ENCRYPTION {
-            let key = rsa::RsaPrivateKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
-            return Ok(Self::Rsa(Box::new(key)));
-        }
-        if alg == const_oid::db::rfc8410::ID_ED_25519 {
-            let key = ed25519_dalek::SigningKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
-            return Ok(Self::Ed25519 {
-                seed: Zeroizing::new(key.to_bytes().to_vec()),
-                point: key.verifying_key().to_bytes().to_vec(),
-            });
-        }
-        if alg == const_oid::db::rfc5912::ID_EC_PUBLIC_KEY {
-            let oid = info
-                .algorithm
-                .parameters_oid()
-                .map_err(|e| format!("EC key without a named curve: {e}"))?;
-            let curve = [Curve::P256, Curve::P384, Curve::P521]
-                .into_iter()
-                .find(|c| c.oid() == oid)
-                .ok_or_else(|| format!("unsupported curve {oid}"))?;
-            let key = sec1::EcPrivateKey::try_from(info.private_key)
-                .map_err(|e| format!("invalid EC key: {e}"))?;
-            return ec_material(curve, key.private_key);
-        }
-        Err(format!("unsupported key algorithm {alg}"))
-    }
-
-    fn fill(&self, public: &mut Vec<Attribute>, private: &mut Vec<Attribute>) -> Result<(), Error> {
-        use rsa::traits::{PrivateKeyParts, PublicKeyParts};
-
-        match self {
-            Self::Ec {
-                curve,
-                scalar,
-                point,
-            } => {
-                let params = oid_der(curve.oid())?;
-                let point = der_octet_string(point)?;
-                public.extend([
-                    Attribute::Class(ObjectClass::PUBLIC_KEY),
-                    Attribute::KeyType(KeyType::EC),
-                    Attribute::EcParams(params.clone()),
-                    Attribute::EcPoint(point),
-                ]);
-                private.extend([
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::KeyType(KeyType::EC),
-                    Attribute::EcParams(params),
-                    Attribute::Value(scalar.to_vec()),
-                ]);
-            }
-            Self::Ed25519 { seed, point } => {
-                let params = oid_der(const_oid::db::rfc8410::ID_ED_25519)?;
-                public.extend([
-                    Attribute::Class(ObjectClass::PUBLIC_KEY),
-                    Attribute::KeyType(KeyType::EC_EDWARDS),
-                    Attribute::EcParams(params.clone()),
-                    Attribute::EcPoint(der_octet_string(point)?),
-                ]);
-                private.extend([
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::KeyType(KeyType::EC_EDWARDS),
-                    Attribute::EcParams(params),
-                    Attribute::Value(seed.to_vec()),
-                ]);
-            }
-            Self::Rsa(key) => {
-                let primes = key.primes();
-                if primes.len() != 2 {
-                    return Err(Error::KeyGeneration {
-                        reason: "multi-prime RSA keys cannot be imported".into(),
-                    });
-                }
-                let (Some(dp), Some(dq), Some(qinv)) = (key.dp(), key.dq(), key.crt_coefficient())
-                else {
-                    return Err(Error::KeyGeneration {
-                        reason: "the RSA key lacks its CRT values".into(),
-                    });
-                };
-                let n = key.n().to_bytes_be();
-                let e = key.e().to_bytes_be();
-                public.extend([
-                    Attribute::Class(ObjectClass::PUBLIC_KEY),
-                    Attribute::KeyType(KeyType::RSA),
-                    Attribute::Modulus(n.clone()),
-                    Attribute::PublicExponent(e.clone()),
-                ]);
-                private.extend([
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::KeyType(KeyType::RSA),
-                    Attribute::Modulus(n),
-                    Attribute::PublicExponent(e),
-                    Attribute::PrivateExponent(key.d().to_bytes_be()),
-                    Attribute::Prime1(primes[0].to_bytes_be()),
-                    Attribute::Prime2(primes[1].to_bytes_be()),
-                    Attribute::Exponent1(dp.to_bytes_be()),
-                    Attribute::Exponent2(dq.to_bytes_be()),
-                    Attribute::Coefficient(qinv.to_bytes_be()),
-                ]);
-            }
-        }
-        Ok(())
-    }
-}
-
-fn ec_material(curve: Curve, scalar: &[u8]) -> Result<KeyMaterial, String> {
-    let invalid = |_| "the EC private key is not valid for its curve".to_string();
-    let point = match curve {
-        Curve::P256 => p256::SecretKey::from_slice(scalar)
-            .map_err(invalid)?
-            .public_key()
-            .to_sec1_bytes(),
-        Curve::P384 => p384::SecretKey::from_slice(scalar)
-            .map_err(invalid)?
-            .public_key()
-            .to_sec1_bytes(),
-        Curve::P521 => p521::SecretKey::from_slice(scalar)
-            .map_err(invalid)?
-            .public_key()
-            .to_sec1_bytes(),
-    };
-    Ok(KeyMaterial::Ec {
-        curve,
-        scalar: Zeroizing::new(scalar.to_vec()),
-        point: point.to_vec(),
-    })
-}
-
-fn der_octet_string(bytes: &[u8]) -> Result<Vec<u8>, Error> {
-    der::asn1::OctetStringRef::new(bytes)
-        .and_then(|o| o.to_der())
-        .map_err(|e| Error::KeyGeneration {
-            reason: format!("encoding the EC point: {e}"),
-        })
-}
-
-/// Decodes one PEM block, keeping the DER in a zeroizing buffer.
-fn pem_rfc7468_decode(pem: &str) -> Result<(String, Zeroizing<Vec<u8>>), String> {
-    let (label, der) =
-        der::pem::decode_vec(pem.trim().as_bytes()).map_err(|e| format!("not PEM: {e}"))?;
-    Ok((label.to_owned(), Zeroizing::new(der)))
 }
 
 #[cfg(test)]
@@ -621,27 +437,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rsa:2048"), "{err}");
-    }
-
-    #[test]
-    fn sec1_without_a_curve_is_read_by_length() {
-        // p256's own SEC1 encoder omits the curve parameters.
-        let key = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
-        let pem = key
-            .to_sec1_pem(der::pem::LineEnding::LF)
-            .unwrap();
-        assert!(matches!(
-            KeyMaterial::from_pem(&pem).unwrap(),
-            KeyMaterial::Ec {
-                curve: Curve::P256,
-                ..
-            }
-        ));
-    }
-
-    #[test]
-    fn refuses_non_key_pem() {
-        let pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(KeyMaterial::from_pem(pem).is_err());
     }
 }

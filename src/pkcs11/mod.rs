@@ -57,10 +57,16 @@ pub enum Error {
         /// The token label.
         token: String,
     },
-    /// Generating or importing a key failed a check.
+    /// Generating a key failed a check.
     #[error("key generation: {reason}")]
     KeyGeneration {
         /// What went wrong.
+        reason: String,
+    },
+    /// Importing a private key failed: the input is not a usable key, or the token refused it.
+    #[error("key import: {reason}")]
+    KeyImport {
+        /// What went wrong, and what is accepted.
         reason: String,
     },
     /// No key matched.

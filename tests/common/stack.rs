@@ -54,7 +54,17 @@ impl Stack {
             .tempdir()
             .unwrap();
         let stack_dir = dir.path().join("stack");
-        run_script(&format!("{name}-start"), &[stack_dir.to_str().unwrap()]);
+        let started = Command::new(script(&format!("{name}-start")))
+            .arg(&stack_dir)
+            .output()
+            .unwrap();
+        if !started.status.success() {
+            // Whatever did start must not outlive the test.
+            let _ = Command::new(script(&format!("{name}-stop")))
+                .arg(&stack_dir)
+                .status();
+            panic!("{name}-start: {}", super::text(&started));
+        }
         let env = read_env(&stack_dir.join("env"));
         let module = PathBuf::from(
             &env.iter()

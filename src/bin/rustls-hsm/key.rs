@@ -1,9 +1,9 @@
 //! `rustls-hsm key`: generate, import, list, show and delete signing keys on a token.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Subcommand;
 use der::pem::LineEnding;
 use rustls_hsm::pkcs11::{
@@ -103,17 +103,7 @@ pub(crate) fn run(module: &Module, command: KeyCommand) -> anyhow::Result<()> {
             label,
             id,
             input,
-        } => {
-            let pem = Zeroizing::new(
-                std::fs::read_to_string(&input)
-                    .with_context(|| format!("reading {}", input.display()))?,
-            );
-            let (token, session) = login.login(module)?;
-            let key = import_private_key(&session, &token.label, &label, id.map(|id| id.0), &pem)?;
-            outln!("imported key on token {}", token.describe());
-            print_key(&KeyEntry::new(&token, &key))?;
-            Ok(())
-        }
+        } => import(module, &login, &label, id, &input),
         KeyCommand::List { login, json } => list(module, &login, json),
         KeyCommand::Show { login, key } => {
             let (token, session) = login.login(module)?;
@@ -214,6 +204,36 @@ fn print_key(key: &KeyEntry) -> anyhow::Result<()> {
         if key.certificate { "present" } else { "none" }
     );
     Ok(())
+}
+
+fn import(
+    module: &Module,
+    login: &LoginArgs,
+    label: &str,
+    id: Option<KeyId>,
+    input: &Path,
+) -> anyhow::Result<()> {
+    let pem = read_pem(input)?;
+    let (token, session) = login.login(module)?;
+    let key = import_private_key(&session, &token.label, label, id.map(|id| id.0), &pem)
+        .with_context(|| format!("importing {}", input.display()))?;
+    outln!("imported key on token {}", token.describe());
+    print_key(&KeyEntry::new(&token, &key))?;
+    Ok(())
+}
+
+/// Reads a PEM file into a zeroizing buffer; a binary file (DER) is refused with how to convert.
+fn read_pem(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let bytes =
+        Zeroizing::new(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => Ok(Zeroizing::new(text.to_owned())),
+        Err(_) => bail!(
+            "{} is not PEM text but binary data; convert a DER key first with `openssl pkey \
+             -inform DER -in KEY.der -out KEY.pem`",
+            path.display()
+        ),
+    }
 }
 
 fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
