@@ -530,6 +530,64 @@ fn import_refuses_rsa_below_2048_bits() {
     assert!(private_keys_seen_by_pkcs11_tool(&hsm, &token).is_empty());
 }
 
+#[test]
+fn key_list_shows_what_it_can_read_of_an_unreadable_key() {
+    // An unreadable key was listed as a bare error, without its handle, label or id, and the
+    // error named the key twice ("public key of `x`: public key of `x`").
+    let (hsm, token) = TestHsm::with_token("signer");
+    tool_keypair(&hsm, &token, "good", "01");
+    tool_keypair(&hsm, &token, "orphan", "02");
+    tool_ok(hsm.pkcs11_tool(&[
+        "--token-label",
+        &token.label,
+        "--login",
+        "--pin",
+        &token.user_pin(),
+        "--delete-object",
+        "--type",
+        "pubkey",
+        "--id",
+        "02",
+    ]));
+
+    let listed = json(hsm.cli_login(&token, &["key", "list", "--json"]));
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{listed:#}");
+    let good = keys
+        .iter()
+        .find(|k| k["label"] == "good")
+        .unwrap();
+    assert!(good.get("error").is_none(), "{listed:#}");
+    let orphan = keys
+        .iter()
+        .find(|k| k.get("error").is_some())
+        .unwrap_or_else(|| panic!("no unreadable entry in {listed:#}"));
+    assert_eq!(orphan["label"], "orphan", "{orphan:#}");
+    assert_eq!(orphan["id"], "02", "{orphan:#}");
+    assert_eq!(orphan["ck_key_type"], "CKK_EC", "{orphan:#}");
+    assert_eq!(orphan["sensitive"], true, "{orphan:#}");
+    assert!(orphan["handle"].is_u64(), "{orphan:#}");
+    let error = orphan["error"].as_str().unwrap();
+    assert_eq!(
+        error
+            .matches("public key of `orphan`")
+            .count(),
+        1,
+        "{error}"
+    );
+    assert!(
+        error.contains("no public key object; the public half is missing"),
+        "{error}"
+    );
+
+    let text = ok(hsm.cli_login(&token, &["key", "list"]));
+    assert!(text.contains("key `good`"), "{text}");
+    assert!(
+        text.contains("unreadable key `orphan` (id 02, CKK_EC, handle "),
+        "{text}"
+    );
+}
+
 /// `key import --label LABEL --in PATH`.
 fn import_args<'a>(label: &'a str, path: &'a std::path::Path) -> [&'a str; 6] {
     [

@@ -363,8 +363,13 @@ pub(crate) fn read_key(session: &Session, private: ObjectHandle) -> Result<KeyOb
     .map_err(|e| Error::PublicKey {
         key: label.clone(),
         reason: format!(
-            "{e}; the public half is missing and cannot be rebuilt from the private object or a \
-             certificate with the same CKA_ID: import the public key or its certificate"
+            "{}; the public half is missing and cannot be rebuilt from the private object or a \
+             certificate with the same CKA_ID: import the public key or its certificate",
+            // The cause names the key already; keep only its reason so the key is named once.
+            match e {
+                Error::PublicKey { reason, .. } => reason,
+                other => other.to_string(),
+            }
         ),
     })?;
     let kind = kind_of_spki(&spki).ok_or_else(|| Error::PublicKey {

@@ -1,14 +1,17 @@
 //! `rustls-hsm key`: generate, import, list, show and delete signing keys on a token.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
 use der::pem::LineEnding;
 use rustls_hsm::pkcs11::{
     destroy_key, find_key, generate_key_pair, import_private_key, list_keys, BackupPolicy, Curve,
-    KeyKind, KeyObject, KeySelector, KeySpec, Module, Pkcs11Uri, Token,
+    Error, KeyKind, KeyObject, KeySelector, KeySpec, Module, Pkcs11Uri, Token,
 };
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -125,7 +128,7 @@ pub(crate) fn run(module: &Module, command: KeyCommand) -> anyhow::Result<()> {
 /// null for RSA), `uri` (RFC 7512), `spki_sha256` (lowercase hex of the SHA-256 of the DER
 /// SubjectPublicKeyInfo), `sensitive`, `extractable`, `never_extractable`, `always_sensitive`,
 /// `local`, `imported` (= not local), `sign`, `certificate` (a certificate with the same id is
-/// on the token). Keys that cannot be read appear as `{"error": "..."}`.
+/// on the token). Keys that cannot be read appear as [`UnreadableKey`]s, with an `error`.
 #[derive(Debug, Serialize)]
 struct KeyEntry {
     label: String,
@@ -239,27 +242,152 @@ fn read_pem(path: &Path) -> anyhow::Result<Zeroizing<String>> {
 fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
     let (token, session) = login.login(module)?;
     let keys = list_keys(&session)?;
+    let mut unreadable = unreadable_handles(&session, &keys).into_iter();
+    let entries: Vec<Result<KeyEntry, UnreadableKey>> = keys
+        .iter()
+        .map(|key| match key {
+            Ok(key) => Ok(KeyEntry::new(&token, key)),
+            Err(e) => Err(UnreadableKey::read(&session, unreadable.next(), e)),
+        })
+        .collect();
     if json {
-        let entries: Vec<serde_json::Value> = keys
+        let entries: Vec<serde_json::Value> = entries
             .iter()
-            .map(|key| match key {
-                Ok(key) => serde_json::to_value(KeyEntry::new(&token, key)),
-                Err(e) => Ok(serde_json::json!({ "error": e.to_string() })),
+            .map(|entry| match entry {
+                Ok(key) => serde_json::to_value(key),
+                Err(unreadable) => serde_json::to_value(unreadable),
             })
             .collect::<Result<_, _>>()
             .context("encoding JSON")?;
         return print_json(&serde_json::json!({ "keys": entries }));
     }
-    if keys.is_empty() {
+    if entries.is_empty() {
         outln!("no private keys on token {}", token.describe());
     }
-    for key in &keys {
-        match key {
-            Ok(key) => print_key(&KeyEntry::new(&token, key))?,
-            Err(e) => outln!("unreadable key: {e}"),
+    for entry in &entries {
+        match entry {
+            Ok(key) => print_key(key)?,
+            Err(unreadable) => outln!("{unreadable}"),
         }
     }
     Ok(())
+}
+
+/// The handles of the private keys that `list_keys` could not read, in its order.
+///
+/// `list_keys` reports an unreadable key by its error alone. Its handles come from the same
+/// `C_FindObjects` search in the same session, which yields the same objects in the same order,
+/// so the handles not among the readable keys belong to the errors, in turn. If the token
+/// changed in between (the counts differ), no handle is given rather than a wrong one.
+// LIMITATION: pairing by order stands in for the handle `list_keys` does not return with an
+// error; returning it there (a handle beside each result) would make this search unnecessary.
+fn unreadable_handles(session: &Session, keys: &[Result<KeyObject, Error>]) -> Vec<ObjectHandle> {
+    let Ok(handles) = session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)]) else {
+        return Vec::new();
+    };
+    if handles.len() != keys.len() {
+        return Vec::new();
+    }
+    let readable: Vec<ObjectHandle> = keys
+        .iter()
+        .flatten()
+        .map(|key| key.private)
+        .collect();
+    handles
+        .into_iter()
+        .filter(|h| !readable.contains(h))
+        .collect()
+}
+
+/// A private key that could not be read whole, with the attributes that could be read.
+///
+/// In `key list --json` it appears as `{"error": "...", "handle": N, "label": ..., "id": ...,
+/// "ck_key_type": "CKK_EC", "sensitive": ..., "extractable": ..., "local": ..., "sign": ...}`;
+/// `handle` is valid only in that session (not a stable name), and any field that could not be
+/// read is null.
+#[derive(Debug, Serialize)]
+struct UnreadableKey {
+    error: String,
+    handle: Option<u64>,
+    label: Option<String>,
+    id: Option<String>,
+    ck_key_type: Option<String>,
+    sensitive: Option<bool>,
+    extractable: Option<bool>,
+    local: Option<bool>,
+    sign: Option<bool>,
+}
+
+impl UnreadableKey {
+    /// Reads each attribute on its own, so that one the token refuses hides no other.
+    fn read(session: &Session, handle: Option<ObjectHandle>, error: &Error) -> Self {
+        let mut key = Self {
+            error: error.to_string(),
+            // CK_OBJECT_HANDLE is a C unsigned long: u64 here, u32 on some platforms.
+            #[allow(clippy::useless_conversion)]
+            handle: handle.map(|h| u64::from(h.handle())),
+            label: None,
+            id: None,
+            ck_key_type: None,
+            sensitive: None,
+            extractable: None,
+            local: None,
+            sign: None,
+        };
+        let Some(handle) = handle else {
+            return key;
+        };
+        let wanted = [
+            AttributeType::Label,
+            AttributeType::Id,
+            AttributeType::KeyType,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::Local,
+            AttributeType::Sign,
+        ];
+        for attribute in wanted
+            .into_iter()
+            .filter_map(|t| {
+                session
+                    .get_attributes(handle, &[t])
+                    .ok()
+            })
+            .flatten()
+        {
+            match attribute {
+                Attribute::Label(v) => key.label = Some(String::from_utf8_lossy(&v).into_owned()),
+                Attribute::Id(v) => key.id = Some(hex::encode(v)),
+                Attribute::KeyType(t) => key.ck_key_type = Some(t.to_string()),
+                Attribute::Sensitive(b) => key.sensitive = Some(b),
+                Attribute::Extractable(b) => key.extractable = Some(b),
+                Attribute::Local(b) => key.local = Some(b),
+                Attribute::Sign(b) => key.sign = Some(b),
+                _ => {}
+            }
+        }
+        key
+    }
+}
+
+impl fmt::Display for UnreadableKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unknown = || "?".to_owned();
+        write!(
+            f,
+            "unreadable key `{}` (id {}, {}, handle {}): {}",
+            self.label
+                .clone()
+                .unwrap_or_else(unknown),
+            self.id.clone().unwrap_or_else(unknown),
+            self.ck_key_type
+                .clone()
+                .unwrap_or_else(unknown),
+            self.handle
+                .map_or_else(unknown, |h| h.to_string()),
+            self.error
+        )
+    }
 }
 
 fn delete(
