@@ -5,8 +5,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::cli::{fails, json, ok, tool_ok};
-use common::TestHsm;
+use common::cli::{fails, json, ok, output, tool_ok};
+use common::{text, TestHsm};
 
 /// The TLS schemes SoftHSM 2.6 serves: ECDSA on three curves, RSA PSS and PKCS#1, Ed25519.
 const SOFTHSM_SCHEMES: [&str; 10] = [
@@ -238,6 +238,88 @@ fn doctor_with_a_wrong_pin_says_so() {
     ]));
     assert!(err.contains("wrong user PIN for token `signer`"), "{err}");
     assert!(err.contains("CKR_PIN_INCORRECT"), "{err}");
+}
+
+#[test]
+fn doctor_json_prints_a_document_for_every_failure() {
+    // `doctor --json` printed nothing on stdout when it failed before its report.
+    let (hsm, _token) = TestHsm::with_token("signer");
+    let wrong = hsm.write_secret("wrong.pin", "00000000");
+    let wrong = format!("file:{}", wrong.display());
+    let cases: [(&[&str], &str, &str); 3] = [
+        (
+            &["--module", "/nonexistent/libvendor.so", "doctor", "--json"],
+            "module_missing",
+            "PKCS#11 module /nonexistent/libvendor.so does not exist",
+        ),
+        (
+            &["doctor", "--json", "--token", "nosuch"],
+            "token_not_found",
+            "no initialised token matches `label:nosuch`",
+        ),
+        (
+            &["doctor", "--json", "--token", "signer", "--pin", &wrong],
+            "checks_failed",
+            "doctor found problems: wrong user PIN for token `signer`",
+        ),
+    ];
+    for (args, kind, message) in cases {
+        let out = output(hsm.cli().args(args));
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+        let document: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{args:?}: stdout is not one JSON document ({e}): {stdout}")
+        });
+        assert_eq!(document["error"]["kind"], kind, "{document:#}");
+        let reported = document["error"]["message"]
+            .as_str()
+            .unwrap();
+        assert!(reported.starts_with(message), "{document:#}");
+        // The return code is named once, not again in cryptoki's own words.
+        assert!(!reported.contains("PKCS11 error"), "{document:#}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("error: {reported}")), "{stderr}");
+    }
+
+    // The wrong PIN still leaves the full report, with the login failure in it.
+    let out = output(
+        hsm.cli()
+            .args(["doctor", "--json", "--token", "signer", "--pin", &wrong]),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tokens"][0]["login"]["ok"], false, "{report:#}");
+    assert_eq!(report["tokens"][0]["label"], "signer", "{report:#}");
+
+    let fine = json(hsm.cli().args(["doctor", "--json"]));
+    assert!(fine["error"].is_null(), "{fine:#}");
+}
+
+#[test]
+fn doctor_says_a_user_pin_never_set_is_not_initialised() {
+    // A token without CKF_USER_PIN_INITIALIZED was reported with "user PIN: ok".
+    let hsm = TestHsm::new();
+    tool_ok(hsm.pkcs11_tool(&[
+        "--init-token",
+        "--slot-index",
+        "0",
+        "--label",
+        "nopin",
+        "--so-pin",
+        "12345678",
+    ]));
+
+    let report = json(
+        hsm.cli()
+            .args(["doctor", "--json", "--token", "nopin"]),
+    );
+    let token = &report["tokens"][0];
+    assert_eq!(token["user_pin"], "not initialised", "{report:#}");
+    assert_eq!(token["so_pin"], "ok", "{report:#}");
+    let text = ok(hsm
+        .cli()
+        .args(["doctor", "--token", "nopin"]));
+    assert!(text.contains("user PIN:     not initialised"), "{text}");
+    assert!(text.contains("rustls-hsm token unlock"), "{text}");
 }
 
 #[test]

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
+use cryptoki::error::Error as CkError;
 use cryptoki::slot::{Limit, TokenInfo};
 use rustls_hsm::pin::PinSource;
-use rustls_hsm::pkcs11::{find_token, login_user, Module, Token, TokenSelector};
+use rustls_hsm::pkcs11::{find_token, login_user, rv_name, Module, Token, TokenSelector};
 use secrecy::SecretString;
 
 /// Options accepted by every command.
@@ -180,11 +181,18 @@ pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// The error and every cause, joined by `: `, skipping causes the message already contains.
+///
+/// A PKCS#11 return code that the message already names (`C_Login returned CKR_PIN_INCORRECT`)
+/// is not repeated in cryptoki's own words.
 pub(crate) fn error_chain(err: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in err.chain() {
         let part = cause.to_string();
-        if text.contains(&part) {
+        let named_already = match cause.downcast_ref::<CkError>() {
+            Some(CkError::Pkcs11(rv, _)) => text.contains(&rv_name(*rv)),
+            _ => false,
+        };
+        if named_already || text.contains(&part) {
             continue;
         }
         if !text.is_empty() {

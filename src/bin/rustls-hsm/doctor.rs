@@ -1,18 +1,25 @@
 //! `rustls-hsm doctor`: what the module and its tokens offer, and which TLS signature schemes
 //! each token can serve; optionally a login check and a sign-and-verify self-test.
 
+use std::path::Path;
+
 use anyhow::bail;
 use cryptoki::session::Session;
+use cryptoki::slot::TokenInfo;
 use rustls_hsm::pin::PinSource;
 use rustls_hsm::pkcs11::{
-    find_token, list_keys, list_slots, login_user, mechanism_flags, Curve, KeyKind, MechanismList,
-    Module, PinState, Token, TokenSelector,
+    find_token, list_keys, list_slots, login_user, mechanism_flags, rv_name, Curve, Error, KeyKind,
+    MechanismList, Module, PinState, Token, TokenSelector,
 };
 use rustls_hsm::scheme::{all_schemes, scheme_name, SchemePlan};
 use serde::Serialize;
 
-use crate::common::{print_json, read_pin, token_flags, LimitValue, PinSourceParser};
+use crate::common::{error_chain, print_json, read_pin, token_flags, LimitValue, PinSourceParser};
 use crate::selftest::{self, SelfTestReport};
+use crate::{is_broken_pipe, with_module};
+
+/// The `user_pin` of a token that has none yet.
+const USER_PIN_NOT_INITIALISED: &str = "not initialised";
 
 /// Options of `doctor`.
 #[derive(Debug, clap::Args)]
@@ -47,19 +54,70 @@ pub(crate) struct DoctorArgs {
 ///   `removable`, `hardware`, `token_label` (null without a token), `token_initialized`.
 /// - `tokens[]`: every initialised token, or the one `--token` names: `label`, `serial`,
 ///   `model`, `manufacturer`, `slot_id`, `hardware_version`, `firmware_version`, `flags` (words),
-///   `user_pin` and `so_pin` (`ok`, `count low`, `final try`, `locked`), `sessions` (`open`,
-///   `max`, `rw_open`, `max_rw`: numbers, or `unlimited` / `unavailable`), `pin_length` (`min`,
-///   `max`), `mechanisms[]` (`name`, `number`, `min_key_size`, `max_key_size`, `flags`,
+///   `user_pin` (`ok`, `count low`, `final try`, `locked`, or `not initialised` when the token
+///   has no user PIN yet) and `so_pin` (`ok`, `count low`, `final try`, `locked`), `sessions`
+///   (`open`, `max`, `rw_open`, `max_rw`: numbers, or `unlimited` / `unavailable`), `pin_length`
+///   (`min`, `max`), `mechanisms[]` (`name`, `number`, `min_key_size`, `max_key_size`, `flags`,
 ///   `unlisted`), `schemes[]` (`scheme`, `key_type`, `supported`, `method`, `mechanism`,
 ///   `reason`), and `login` (null without `--pin`; else `ok`, `error`, `keys[]` with `label`,
 ///   `id`, `type`, `schemes`).
 /// - `self_test`: see [`SelfTestReport`].
+/// - `error`: see [`ErrorReport`]; null when doctor found nothing wrong.
 #[derive(Debug, Serialize)]
 struct Report {
     library: LibraryReport,
     slots: Vec<SlotReport>,
     tokens: Vec<TokenReport>,
     self_test: Option<SelfTestReport>,
+    error: Option<ErrorReport>,
+}
+
+/// The `doctor --json` document when doctor fails before it has a report (the module does not
+/// load, no token matches `--token`): only `{"error": {...}}`, see [`ErrorReport`].
+#[derive(Debug, Serialize)]
+struct ErrorDocument {
+    error: ErrorReport,
+}
+
+/// Why doctor failed, in the `error` field of its JSON document.
+///
+/// Fields: `message` (the text also printed on stderr), `kind`, and `rv` (the PKCS#11 return
+/// code, e.g. `CKR_DEVICE_ERROR`, or null). `kind` is `checks_failed` (the report is complete,
+/// and a login, key listing or self-test in it failed), `module_not_named`, `module_missing`,
+/// `module_not_shared_object`, `module_wrong_architecture`, `module_no_function_list`,
+/// `module_load`, `module_initialize`, `token_not_found`, `token_ambiguous`, `pkcs11` (a
+/// PKCS#11 call failed; see `rv`) or `other`.
+#[derive(Debug, Serialize)]
+struct ErrorReport {
+    message: String,
+    kind: &'static str,
+    rv: Option<String>,
+}
+
+impl ErrorReport {
+    fn new(e: &anyhow::Error) -> Self {
+        let cause = e
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<Error>());
+        let kind = match cause {
+            Some(Error::ModuleNotNamed) => "module_not_named",
+            Some(Error::ModuleMissing { .. }) => "module_missing",
+            Some(Error::ModuleNotSharedObject { .. }) => "module_not_shared_object",
+            Some(Error::ModuleWrongArchitecture { .. }) => "module_wrong_architecture",
+            Some(Error::ModuleNoFunctionList { .. }) => "module_no_function_list",
+            Some(Error::ModuleLoad { .. }) => "module_load",
+            Some(Error::ModuleInitialize { .. }) => "module_initialize",
+            Some(Error::TokenNotFound { .. }) => "token_not_found",
+            Some(Error::TokenAmbiguous { .. }) => "token_ambiguous",
+            Some(Error::Pkcs11 { .. }) => "pkcs11",
+            _ => "other",
+        };
+        Self {
+            message: error_chain(e),
+            kind,
+            rv: cause.and_then(Error::rv).map(rv_name),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -153,8 +211,41 @@ struct KeyServes {
     schemes: Vec<String>,
 }
 
-/// Runs `doctor`.
-pub(crate) fn run(module: &Module, args: &DoctorArgs) -> anyhow::Result<()> {
+/// Runs `doctor` with the module at `module_path` (else from the environment).
+///
+/// With `--json` every outcome prints one JSON document: the report, or only an `error` when
+/// doctor fails before it has one (see [`Report`]).
+pub(crate) fn run(module_path: Option<&Path>, args: &DoctorArgs) -> anyhow::Result<()> {
+    let mut printed = false;
+    let result = with_module(module_path, |module| {
+        let report = report(module, args)?;
+        printed = true;
+        if args.json {
+            print_json(&report)?;
+        } else {
+            print_text(&report)?;
+        }
+        match report.error {
+            Some(error) => bail!(error.message),
+            None => Ok(()),
+        }
+    });
+    if let (Err(e), true, false) = (&result, args.json, printed) {
+        if !is_broken_pipe(e) {
+            let document = ErrorDocument {
+                error: ErrorReport::new(e),
+            };
+            if let Err(print) = print_json(&document) {
+                tracing::warn!(error = %print, "could not print the JSON error document");
+            }
+        }
+    }
+    result
+}
+
+/// Reads everything the report holds; a login or self-test failure is recorded in it, any
+/// other failure returned.
+fn report(module: &Module, args: &DoctorArgs) -> anyhow::Result<Report> {
     let library = library_report(module)?;
     let (slots, tokens) = slot_reports(module, args.token.as_ref())?;
     let mut report = Report {
@@ -162,6 +253,7 @@ pub(crate) fn run(module: &Module, args: &DoctorArgs) -> anyhow::Result<()> {
         slots,
         tokens: Vec::new(),
         self_test: None,
+        error: None,
     };
     let mut failures = Vec::new();
     for token in &tokens {
@@ -183,23 +275,21 @@ pub(crate) fn run(module: &Module, args: &DoctorArgs) -> anyhow::Result<()> {
         }
         report.tokens.push(token_report);
     }
-
-    if args.json {
-        print_json(&report)?;
-    } else {
-        print_text(&report)?;
-    }
     if !failures.is_empty() {
-        bail!("doctor found problems: {}", failures.join("; "));
+        report.error = Some(ErrorReport {
+            message: format!("doctor found problems: {}", failures.join("; ")),
+            kind: "checks_failed",
+            rv: None,
+        });
     }
-    Ok(())
+    Ok(report)
 }
 
 fn library_report(module: &Module) -> anyhow::Result<LibraryReport> {
     let info = module
         .context()
         .get_library_info()
-        .map_err(|source| rustls_hsm::pkcs11::Error::Pkcs11 {
+        .map_err(|source| Error::Pkcs11 {
             op: "read library info (C_GetInfo)",
             source,
         })?;
@@ -224,7 +314,7 @@ fn slot_reports(
         let info = module
             .context()
             .get_slot_info(slot)
-            .map_err(|source| rustls_hsm::pkcs11::Error::Pkcs11 {
+            .map_err(|source| Error::Pkcs11 {
                 op: "read slot info",
                 source,
             })?;
@@ -261,7 +351,7 @@ fn token_report(token: &Token, mechanisms: &MechanismList) -> TokenReport {
         hardware_version: info.hardware_version().to_string(),
         firmware_version: info.firmware_version().to_string(),
         flags: token_flags(info),
-        user_pin: PinState::user(info).as_str(),
+        user_pin: user_pin_state(info),
         so_pin: PinState::so(info).as_str(),
         sessions: SessionsReport {
             open: LimitValue::from_count(info.session_count()),
@@ -286,6 +376,15 @@ fn token_report(token: &Token, mechanisms: &MechanismList) -> TokenReport {
             .collect(),
         schemes: scheme_reports(mechanisms),
         login: None,
+    }
+}
+
+/// The user PIN's state in words; a token without `CKF_USER_PIN_INITIALIZED` has none to check.
+fn user_pin_state(info: &TokenInfo) -> &'static str {
+    if info.user_pin_initialized() {
+        PinState::user(info).as_str()
+    } else {
+        USER_PIN_NOT_INITIALISED
     }
 }
 
@@ -340,7 +439,7 @@ fn login_report(
         Err(e) => {
             let report = LoginReport {
                 ok: false,
-                error: Some(crate::common::error_chain(&e)),
+                error: Some(error_chain(&e)),
                 keys: Vec::new(),
             };
             return (report, None);
@@ -429,7 +528,14 @@ fn print_token(t: &TokenReport) -> anyhow::Result<()> {
         t.firmware_version
     );
     outln!("  flags:        {}", t.flags.join(", "));
-    outln!("  user PIN:     {}", t.user_pin);
+    if t.user_pin == USER_PIN_NOT_INITIALISED {
+        outln!(
+            "  user PIN:     {} (the security officer sets it with `rustls-hsm token unlock`)",
+            t.user_pin
+        );
+    } else {
+        outln!("  user PIN:     {}", t.user_pin);
+    }
     outln!("  SO PIN:       {}", t.so_pin);
     let s = &t.sessions;
     outln!(

@@ -27,6 +27,7 @@ mod selftest;
 mod token;
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
 }
 
 /// True when the reader of our output went away (`| head`): not an error worth reporting.
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
+pub(crate) fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
@@ -111,15 +112,26 @@ fn log_filter() -> EnvFilter {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let module = Module::load_from(cli.global.module.as_deref())?;
-    let result = match cli.command {
-        Command::Backup(command) => backup::run(&module, command),
-        Command::Cert(command) => cert::run(&module, command),
-        Command::Doctor(args) => doctor::run(&module, &args),
-        Command::Kek(command) => kek::run(&module, command),
-        Command::Key(command) => key::run(&module, command),
-        Command::Token(command) => token::run(&module, command),
-    };
+    let module = cli.global.module.as_deref();
+    match cli.command {
+        Command::Backup(command) => with_module(module, |m| backup::run(m, command)),
+        Command::Cert(command) => with_module(module, |m| cert::run(m, command)),
+        // Doctor loads the module itself: with --json, a module that fails to load is reported
+        // in its JSON too.
+        Command::Doctor(args) => doctor::run(module, &args),
+        Command::Kek(command) => with_module(module, |m| kek::run(m, command)),
+        Command::Key(command) => with_module(module, |m| key::run(m, command)),
+        Command::Token(command) => with_module(module, |m| token::run(m, command)),
+    }
+}
+
+/// Loads the module, runs `command` with it and then finalizes it.
+pub(crate) fn with_module(
+    path: Option<&Path>,
+    command: impl FnOnce(&Module) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let module = Module::load_from(path)?;
+    let result = command(&module);
     // Every session is closed by now; finalize before exit rather than in a destructor.
     let finalized = module.finalize();
     result?;
