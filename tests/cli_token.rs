@@ -334,6 +334,50 @@ fn reinit_needs_confirmation_and_keys_survive_without_it() {
 }
 
 #[test]
+fn init_prints_the_slot_later_runs_find_the_token_in() {
+    // SoftHSM moves a token to its lasting slot at the next C_Initialize; init printed the old.
+    let hsm = TestHsm::new();
+    let so_pin = hsm.write_secret("so.pin", &random_pin());
+    let user_pin = hsm.write_secret("user.pin", &random_pin());
+    let out = ok(hsm.cli().args([
+        "token",
+        "init",
+        "--label",
+        "fresh",
+        "--so-pin",
+        &format!("file:{}", so_pin.display()),
+        "--pin",
+        &format!("file:{}", user_pin.display()),
+    ]));
+    let expected = format!(
+        "initialised token `fresh` (serial {}, slot {:#x})",
+        hsm.serial_of("fresh"),
+        hsm.slot_of("fresh")
+    );
+    assert!(out.contains(&expected), "{out}\nexpected: {expected}");
+}
+
+#[test]
+fn reinit_refused_on_a_pipe_reads_as_a_sentence() {
+    // The refusal read "…destroys every key on it needs the label typed on a terminal".
+    let (hsm, signer) = TestHsm::with_token("signer");
+    let slot = hsm.slot_of("signer").to_string();
+    let err = fails(
+        hsm.cli()
+            .args(["token", "init", "--label", "signer", "--slot-id", &slot])
+            .args(["--so-pin", &signer.so_pin_source()])
+            .args(["--pin", &signer.pin_source(), "--reinitialize"]),
+    );
+    assert!(
+        err.contains(
+            "destroys every key on it: confirming it needs the label typed on a terminal, and \
+             stdin is not one; nothing was changed (scripts pass --yes-destroy-all-keys)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn reinitialize_after_typing_the_label_on_a_terminal() {
     let (hsm, signer) = TestHsm::with_token("signer");
     ok(hsm.cli_login(

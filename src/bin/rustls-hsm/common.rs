@@ -84,14 +84,16 @@ pub(crate) fn read_pin(source: &PinSource, what: &str) -> anyhow::Result<SecretS
 
 /// Asks the operator to type `expected` on the terminal before a destructive step.
 ///
+/// `what` is a clause that stands alone before a colon, e.g. "deleting key `k` from token `t`".
+///
 /// Refused when stdin is not a terminal (no person is there to type) or the text differs;
 /// `bypass` names the option that skips the question in scripts.
 pub(crate) fn confirm_by_typing(expected: &str, what: &str, bypass: &str) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         bail!(
-            "{what} needs the label typed on a terminal, and stdin is not one; nothing was \
-             changed (scripts pass {bypass})"
+            "{what}: confirming it needs the label typed on a terminal, and stdin is not one; \
+             nothing was changed (scripts pass {bypass})"
         );
     }
     eprint!("{what}: type `{expected}` to confirm: ");

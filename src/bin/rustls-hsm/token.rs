@@ -208,8 +208,25 @@ fn init(module: &Module, args: &InitArgs) -> anyhow::Result<()> {
         reinitialize,
     )
     .context("token init")?;
+    let token = find_again(module, &token)?;
     outln!("initialised token {}", token.describe());
     Ok(())
+}
+
+/// Finds a token just initialised as every later run will see it.
+///
+/// SoftHSM gives an initialised token its lasting slot id only at the next `C_Initialize`; until
+/// then it stays in the slot it was initialised in, so the module is initialised afresh first.
+fn find_again(module: &Module, token: &Token) -> anyhow::Result<Token> {
+    module
+        .reinitialize(module.generation())
+        .context("re-initialising the module to read the new slot list")?;
+    let selector = if token.serial.is_empty() {
+        TokenSelector::Label(token.label.clone())
+    } else {
+        TokenSelector::Serial(token.serial.clone())
+    };
+    Ok(find_token(module, &selector)?)
 }
 
 /// Asks for the label of the token that `--reinitialize` would wipe, if it holds one.
