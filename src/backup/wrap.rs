@@ -12,7 +12,7 @@ use cryptoki::session::Session;
 use super::format::{now_rfc3339, Backup};
 use super::kek::find_kek;
 use super::Error;
-use crate::pkcs11::{self, find_key, BackupPolicy, KeyObject, KeySelector, Module, Token};
+use crate::pkcs11::{self, find_key_on, BackupPolicy, KeyObject, KeySelector, Module, Token};
 
 /// Wraps the key `selector` names under the KEK labelled `kek_label` and returns the backup.
 ///
@@ -26,7 +26,7 @@ pub fn create_backup(
     selector: &KeySelector,
     kek_label: &str,
 ) -> Result<Backup, Error> {
-    let key = find_key(session, selector, &token.label, true)?;
+    let key = find_key_on(session, selector, token, true)?;
     check_policy(&key)?;
     let kek = find_kek(session, token, kek_label, true)?;
     kek.check_for_wrap(token)?;

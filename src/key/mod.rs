@@ -12,7 +12,9 @@ use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use tracing::{debug, debug_span, trace};
 
-use crate::pkcs11::{find_key, rv_name, rv_of, spki_fingerprint, KeyKind, KeySelector};
+use crate::pkcs11::{
+    find_key, find_key_on, rv_name, rv_of, spki_fingerprint, KeyKind, KeySelector,
+};
 use crate::pool::{Fault, Live, TokenPool};
 use crate::scheme::{scheme_name, sign_message, Method, PublicKeyVerifier, SchemePlan, SignError};
 use crate::stats::Outcome;
@@ -54,7 +56,7 @@ impl HsmKey {
         let live = flight.live();
         pool.ensure_login(live)?;
         let checkout = pool.checkout(live)?;
-        let found = find_key(&checkout.session, selector, &live.token.label, true)?;
+        let found = find_key_on(&checkout.session, selector, &live.token, true)?;
         drop(checkout);
 
         let plan = SchemePlan::for_key(found.kind, &live.mechanisms);
@@ -327,6 +329,7 @@ impl HsmKey {
         let selector = KeySelector {
             label: Some(self.inner.label.clone()),
             id: (!self.inner.id.is_empty()).then(|| self.inner.id.clone()),
+            ..KeySelector::default()
         };
         let checkout = pool.checkout(live)?;
         let found = find_key(&checkout.session, &selector, &live.token.label, true)?;

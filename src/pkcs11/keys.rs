@@ -14,17 +14,24 @@ use der::Decode;
 use sha2::{Digest, Sha256};
 use spki::EncodePublicKey;
 
-use super::{Error, Pkcs11Uri};
+use super::token::trim_field;
+use super::{Error, Pkcs11Uri, Token};
 
 /// How to pick one key pair on a token.
 ///
-/// Parsed from `pkcs11:object=...;id=...` (a URI), `id:HEX`, `label:NAME` or a plain label.
-#[derive(Clone, Debug, Eq, PartialEq)]
+/// Parsed from `pkcs11:object=...;id=...` (a URI), `id:HEX`, `label:NAME` or a plain label. A
+/// URI's token attributes (`token=`, `serial=`) must match the token the key is looked up on
+/// ([`find_key_on`]).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct KeySelector {
     /// `CKA_LABEL` to match exactly.
     pub label: Option<String>,
     /// `CKA_ID` to match exactly.
     pub id: Option<Vec<u8>>,
+    /// The token label a URI named, if any.
+    pub token: Option<String>,
+    /// The token serial a URI named, if any.
+    pub serial: Option<String>,
 }
 
 impl KeySelector {
@@ -32,16 +39,39 @@ impl KeySelector {
     pub fn label(label: impl Into<String>) -> Self {
         Self {
             label: Some(label.into()),
-            id: None,
+            ..Self::default()
         }
     }
 
     /// Selects by `CKA_ID`.
     pub fn id(id: impl Into<Vec<u8>>) -> Self {
         Self {
-            label: None,
             id: Some(id.into()),
+            ..Self::default()
         }
+    }
+
+    /// Refuses a selector whose URI names another token than `token`.
+    pub fn check_token(&self, token: &Token) -> Result<(), Error> {
+        let mismatch = |what: &str, named: &str, have: &str| Error::KeySelector {
+            selector: self.to_string(),
+            reason: format!(
+                "it names {what} `{named}`, but the key is looked up on token {} ({what} \
+                 `{have}`); select that token, or drop {what} from the URI",
+                token.describe()
+            ),
+        };
+        if let Some(named) = &self.token {
+            if trim_field(named) != token.label {
+                return Err(mismatch("token", named, &token.label));
+            }
+        }
+        if let Some(named) = &self.serial {
+            if trim_field(named) != token.serial {
+                return Err(mismatch("serial", named, &token.serial));
+            }
+        }
+        Ok(())
     }
 
     fn template(&self, class: ObjectClass) -> Vec<Attribute> {
@@ -76,6 +106,8 @@ impl FromStr for KeySelector {
             Self {
                 label: uri.object,
                 id: uri.id,
+                token: uri.token,
+                serial: uri.serial,
             }
         } else if let Some(hex_id) = s.strip_prefix("id:") {
             let id = hex::decode(hex_id.trim_start_matches("0x"))
@@ -256,6 +288,17 @@ impl KeyObject {
 /// SHA-256 of a DER SubjectPublicKeyInfo, lowercase hex.
 pub fn spki_fingerprint(spki: &[u8]) -> String {
     hex::encode(Sha256::digest(spki))
+}
+
+/// [`find_key`] on `token`, after checking that a URI selector names that token.
+pub fn find_key_on(
+    session: &Session,
+    selector: &KeySelector,
+    token: &Token,
+    logged_in: bool,
+) -> Result<KeyObject, Error> {
+    selector.check_token(token)?;
+    find_key(session, selector, &token.label, logged_in)
 }
 
 /// Finds the one private key that `selector` names, paired with its public half.

@@ -22,8 +22,8 @@ pub use keygen::{
     KEY_SPEC_FORMS,
 };
 pub use keys::{
-    find_key, list_keys, public_key_spki, spki_fingerprint, spki_of_certificate, Curve, KeyKind,
-    KeyObject, KeySelector, ObjectClassName,
+    find_key, find_key_on, list_keys, public_key_spki, spki_fingerprint, spki_of_certificate,
+    Curve, KeyKind, KeyObject, KeySelector, ObjectClassName,
 };
 pub(crate) use keys::{kind_of_spki, read_key};
 pub use login::login_user;

@@ -34,12 +34,12 @@ pub enum TokenSelector {
 impl TokenSelector {
     fn matches(&self, slot: Slot, info: &TokenInfo) -> bool {
         match self {
-            Self::Label(label) => trim_field(info.label()) == label,
-            Self::Serial(serial) => trim_field(info.serial_number()) == serial,
+            Self::Label(label) => trim_field(info.label()) == trim_field(label),
+            Self::Serial(serial) => trim_field(info.serial_number()) == trim_field(serial),
             Self::Uri(uri) => {
                 let same = |want: &Option<String>, have: &str| {
                     want.as_deref()
-                        .is_none_or(|w| w == trim_field(have))
+                        .is_none_or(|w| trim_field(w) == trim_field(have))
                 };
                 same(&uri.token, info.label())
                     && same(&uri.serial, info.serial_number())
@@ -68,8 +68,15 @@ impl FromStr for TokenSelector {
                     "the URI names no token attribute (token=, serial=, model=, manufacturer=)",
                 ));
             }
-            if uri.slot_id.is_some() {
-                warn!(selector = s, "selecting a token by slot-id: slot ids change when tokens are initialised; prefer token= or serial=");
+            if uri.token.is_none()
+                && uri.serial.is_none()
+                && uri.model.is_none()
+                && uri.manufacturer.is_none()
+            {
+                return Err(bad(
+                    "slot-id alone does not name a token: slot ids change when tokens are \
+                     initialised; add token= or serial=",
+                ));
             }
             Self::Uri(Box::new(uri))
         } else if let Some(serial) = s.strip_prefix("serial:") {
@@ -254,6 +261,15 @@ pub fn find_token(module: &Module, selector: &TokenSelector) -> Result<Token, Er
         .filter_map(|(_, token)| token)
         .filter(|t| t.info.token_initialized())
         .collect();
+    if let TokenSelector::Uri(uri) = selector {
+        if uri.slot_id.is_some() {
+            warn!(
+                selector = %selector,
+                "selecting a token by slot-id: slot ids change when tokens are initialised; \
+                 prefer token= or serial="
+            );
+        }
+    }
     let mut matches: Vec<&Token> = tokens
         .iter()
         .filter(|t| selector.matches(t.slot, &t.info))
@@ -290,6 +306,13 @@ pub fn init_token(
         return refuse(format!(
             "token label must be 1 to {MAX_LABEL_LEN} bytes, `{label}` has {}",
             label.len()
+        ));
+    }
+    if trim_field(label) != label {
+        return refuse(format!(
+            "token label `{label}` ends in blanks, which the token's blank padding would drop; \
+             use `{}`",
+            trim_field(label)
         ));
     }
     let slots = list_slots(module)?;
@@ -466,6 +489,13 @@ mod tests {
         assert!("pkcs11:object=x"
             .parse::<TokenSelector>()
             .is_err());
+        // A slot number alone is no name for a token; with a label it narrows the match.
+        assert!("pkcs11:slot-id=3"
+            .parse::<TokenSelector>()
+            .is_err());
+        assert!("pkcs11:token=a;slot-id=3"
+            .parse::<TokenSelector>()
+            .is_ok());
         assert!("".parse::<TokenSelector>().is_err());
         assert!("x"
             .repeat(33)

@@ -1,7 +1,8 @@
 //! RFC 7512 `pkcs11:` URIs, as far as token and key selection need them.
 //!
-//! Path attributes are `;`-separated and percent-decoded; query attributes follow `?` and are
-//! `&`-separated. `pin-value` is refused: a PIN never travels inside a URI.
+//! Path attributes are `;`-separated and percent-decoded. Query attributes (after `?`) would
+//! choose the module or the PIN, which only the operator's own options do here, so they are
+//! refused; `pin-value` above all, since a PIN never travels inside a URI.
 
 use std::str::FromStr;
 
@@ -32,10 +33,6 @@ pub struct Pkcs11Uri {
     pub token: Option<String>,
     /// `type`: the object class (`private`, `public`, `cert`, `secret-key`, `data`).
     pub object_type: Option<String>,
-    /// `module-path` query attribute.
-    pub module_path: Option<String>,
-    /// `pin-source` query attribute, as written (a [`crate::pin::PinSource`] or file path).
-    pub pin_source: Option<String>,
 }
 
 impl Pkcs11Uri {
@@ -83,6 +80,7 @@ impl FromStr for Pkcs11Uri {
             .split_once('?')
             .unwrap_or((rest, ""));
         let mut uri = Self::default();
+        let mut seen = std::collections::HashSet::new();
 
         for attr in path
             .split(';')
@@ -91,6 +89,10 @@ impl FromStr for Pkcs11Uri {
             let (name, value) = attr
                 .split_once('=')
                 .ok_or_else(|| bad(format!("path attribute `{attr}` has no `=`")))?;
+            if !seen.insert(name) {
+                return Err(bad(format!("attribute `{name}` appears twice")));
+            }
+            check_percent_encoding(value).map_err(|reason| bad(format!("`{name}`: {reason}")))?;
             let bytes = percent_decode_str(value).collect::<Vec<u8>>();
             let text = || {
                 String::from_utf8(bytes.clone())
@@ -120,29 +122,26 @@ impl FromStr for Pkcs11Uri {
             }
         }
 
-        for attr in query
-            .split('&')
-            .filter(|a| !a.is_empty())
-        {
-            let (name, value) = attr
+        // Query attributes would choose the module or the PIN: both are given by the operator's
+        // own options, never by a URI that may come from a key list or a config file.
+        if let Some(attr) = query.split('&').find(|a| !a.is_empty()) {
+            let (name, _) = attr
                 .split_once('=')
                 .unwrap_or((attr, ""));
-            let value = percent_decode_str(value)
-                .decode_utf8()
-                .map_err(|_| bad(format!("`{name}` is not UTF-8 after percent-decoding")))?
-                .into_owned();
-            match name {
-                "module-path" => uri.module_path = Some(value),
-                "pin-source" => uri.pin_source = Some(value),
-                "pin-value" => {
-                    return Err(bad(
-                        "`pin-value` is refused: a PIN must not appear in a URI; use pin-source \
-                         or a PIN source option"
-                            .into(),
-                    ))
-                }
-                _ => {}
-            }
+            let reason = match name {
+                "pin-value" => "`pin-value` is refused: a PIN must not appear in a URI; use a PIN \
+                                source option (env:NAME, file:PATH, cmd:COMMAND or prompt)"
+                    .to_owned(),
+                "pin-source" => "`pin-source` is not read from URIs; use a PIN source option \
+                                 (env:NAME, file:PATH, cmd:COMMAND or prompt)"
+                    .to_owned(),
+                "module-path" | "module-name" => format!(
+                    "`{name}` is not read from URIs; name the module with --module or \
+                     RUSTLS_HSM_MODULE"
+                ),
+                _ => format!("unknown query attribute `{name}`"),
+            };
+            return Err(bad(reason));
         }
         Ok(uri)
     }
@@ -173,6 +172,26 @@ fn encode(value: &str) -> String {
     utf8_percent_encode(value, URI_VALUE).to_string()
 }
 
+/// Checks that every `%` starts a two-digit hexadecimal escape (RFC 3986 section 2.1).
+fn check_percent_encoding(value: &str) -> Result<(), String> {
+    let bytes = value.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%'
+            && !(bytes
+                .get(i + 1)
+                .is_some_and(u8::is_ascii_hexdigit)
+                && bytes
+                    .get(i + 2)
+                    .is_some_and(u8::is_ascii_hexdigit))
+        {
+            return Err(format!(
+                "`%` at byte {i} is not followed by two hexadecimal digits; write a literal % as %25"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Drops any `pin-value` from a URI before it is shown in an error.
 fn redact_pin_value(uri: &str) -> String {
     match uri.find("pin-value") {
@@ -187,15 +206,33 @@ mod tests {
 
     #[test]
     fn parses_percent_encoded_attributes() {
-        let uri: Pkcs11Uri = "pkcs11:token=my%20token;serial=0123abcd;object=tls%3Bkey;id=%01%ff;type=private?module-path=/usr/lib/x.so"
-            .parse()
-            .unwrap();
+        let uri: Pkcs11Uri =
+            "pkcs11:token=my%20token;serial=0123abcd;object=tls%3Bkey;id=%01%ff;type=private"
+                .parse()
+                .unwrap();
         assert_eq!(uri.token.as_deref(), Some("my token"));
         assert_eq!(uri.serial.as_deref(), Some("0123abcd"));
         assert_eq!(uri.object.as_deref(), Some("tls;key"));
         assert_eq!(uri.id.as_deref(), Some(&[0x01, 0xff][..]));
         assert_eq!(uri.object_type.as_deref(), Some("private"));
-        assert_eq!(uri.module_path.as_deref(), Some("/usr/lib/x.so"));
+    }
+
+    // URIs that were taken half-read once: the last of two `object=` won, `%zz` was read as
+    // text, and a module path or PIN source in the query was silently ignored.
+    #[test]
+    fn refuses_repeated_attributes_bad_escapes_and_query_attributes() {
+        for bad in [
+            "pkcs11:object=A;object=B",
+            "pkcs11:token=%zz",
+            "pkcs11:id=%0",
+            "pkcs11:token=a?module-path=/evil.so",
+            "pkcs11:token=a?pin-source=file:/x",
+            "pkcs11:token=a?x-vendor=1",
+        ] {
+            assert!(bad.parse::<Pkcs11Uri>().is_err(), "{bad}");
+        }
+        let uri: Pkcs11Uri = "pkcs11:token=100%25".parse().unwrap();
+        assert_eq!(uri.token.as_deref(), Some("100%"));
     }
 
     #[test]

@@ -165,8 +165,11 @@ impl PinGuard {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(|e| self.err(e.to_string()))?;
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        // A directory we create is ours alone; one that exists is left as its owner set it.
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(|e| self.err(e.to_string()))?;
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        }
         let tmp = self.path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(file).map_err(|e| self.err(e.to_string()))?;
         let mut out = fs::OpenOptions::new()
@@ -193,6 +196,27 @@ impl PinGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A guard file placed in an application's shared directory once made that directory 0700.
+    #[test]
+    fn leaves_an_existing_directory_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let guard = PinGuard::new(dir.path().join("guard.json"));
+        let token = TokenKey {
+            module: Path::new("/m.so"),
+            serial: "01",
+            label: "t",
+        };
+        guard
+            .record_refusal(&token, &SecretString::from("1111"))
+            .unwrap();
+        let mode = fs::metadata(dir.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
 
     #[test]
     fn remembers_refused_values_only() {

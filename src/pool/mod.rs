@@ -260,6 +260,7 @@ impl TokenPool {
             waited: timeout,
         };
         let Some((permit, waited)) = live.gate.acquire(timeout) else {
+            self.stats.pool_wait();
             self.stats.pool_timeout();
             return Err(busy());
         };

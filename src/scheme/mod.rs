@@ -5,6 +5,8 @@ mod plan;
 mod sign;
 mod verify;
 
-pub use plan::{all_schemes, is_pkcs1, scheme_name, HashAlg, Method, SchemeEntry, SchemePlan};
+pub use plan::{
+    all_schemes, is_pkcs1, scheme_name, HashAlg, Method, SchemeEntry, SchemePlan, MIN_RSA_BITS,
+};
 pub use sign::{sign_message, SignError};
 pub use verify::{verify_signature, PublicKeyVerifier, VerifyError};

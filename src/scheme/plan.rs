@@ -12,6 +12,10 @@ use rustls::SignatureScheme;
 
 use crate::pkcs11::{Curve, KeyKind, MechanismList};
 
+/// The smallest RSA modulus TLS peers built on webpki accept, and so the least rustls-hsm
+/// plans schemes for.
+pub const MIN_RSA_BITS: usize = 2048;
+
 /// A hash function used by a scheme.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 pub enum HashAlg {
@@ -137,7 +141,13 @@ impl SchemePlan {
             .into_iter()
             .map(|(scheme, methods)| SchemeEntry {
                 scheme,
-                plan: pick(&methods, mechanisms, bits),
+                plan: match kind {
+                    KeyKind::Rsa(bits) if bits < MIN_RSA_BITS => Err(format!(
+                        "RSA-{bits} is below {MIN_RSA_BITS} bits, the least that rustls and \
+                         webpki peers accept"
+                    )),
+                    _ => pick(&methods, mechanisms, bits),
+                },
             })
             .collect();
         Self { entries }
@@ -303,4 +313,23 @@ fn pick(methods: &[Method], mechanisms: &MechanismList, bits: usize) -> Result<M
         })
         .collect();
     Err(names.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // An imported RSA-1024 key once loaded with six schemes, and every signature then failed
+    // verification: peers (and our own check) refuse RSA below 2048 bits.
+    #[test]
+    fn rsa_below_2048_bits_serves_no_scheme() {
+        let plan = SchemePlan::for_key(KeyKind::Rsa(1024), &MechanismList::default());
+        assert!(plan.usable().next().is_none());
+        assert!(
+            plan.tls13_gap()
+                .contains("RSA-1024 is below 2048 bits"),
+            "{}",
+            plan.tls13_gap()
+        );
+    }
 }
