@@ -683,3 +683,25 @@ fn openssl(args: &[&str], out: &std::path::Path) {
         common::text(&result)
     );
 }
+
+// `key delete --token A 'pkcs11:token=B;id=%56'` once deleted the key with id 56 on token A.
+#[test]
+fn a_key_uri_naming_another_token_is_refused() {
+    let (hsm, signer) = TestHsm::with_token("signer");
+    let other = hsm.add_token("other");
+    for token in [&signer, &other] {
+        ok(hsm.cli_login(
+            token,
+            &[
+                "key", "generate", "--label", "same", "--type", "ec:p256", "--id", "56",
+            ],
+        ));
+    }
+    let err = fails(hsm.cli_login(
+        &signer,
+        &["key", "delete", "pkcs11:token=other;id=%56", "--yes"],
+    ));
+    assert!(err.contains("names token `other`"), "{err}");
+    assert_eq!(private_keys_seen_by_pkcs11_tool(&hsm, &signer).len(), 1);
+    ok(hsm.cli_login(&signer, &["key", "show", "pkcs11:token=signer;id=%56"]));
+}

@@ -10,8 +10,8 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use der::pem::LineEnding;
 use rustls_hsm::pkcs11::{
-    destroy_key, find_key, generate_key_pair, import_private_key, list_keys, BackupPolicy, Curve,
-    Error, KeyKind, KeyObject, KeySelector, KeySpec, Module, Pkcs11Uri, Token,
+    destroy_key, find_key_on, generate_key_pair, import_private_key, list_keys, BackupPolicy,
+    Curve, Error, KeyKind, KeyObject, KeySelector, KeySpec, Module, Pkcs11Uri, Token,
 };
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -110,7 +110,7 @@ pub(crate) fn run(module: &Module, command: KeyCommand) -> anyhow::Result<()> {
         KeyCommand::List { login, json } => list(module, &login, json),
         KeyCommand::Show { login, key } => {
             let (token, session) = login.login(module)?;
-            let key = find_key(&session, &key, &token.label, true)?;
+            let key = find_key_on(&session, &key, &token, true)?;
             print_key(&KeyEntry::new(&token, &key))?;
             let pem = der::Document::try_from(key.spki.as_slice())
                 .and_then(|doc| doc.to_pem("PUBLIC KEY", LineEnding::LF))
@@ -397,7 +397,7 @@ fn delete(
     yes: bool,
 ) -> anyhow::Result<()> {
     let (token, session) = login.login(module)?;
-    let key = find_key(&session, selector, &token.label, true)?;
+    let key = find_key_on(&session, selector, &token, true)?;
     if !yes {
         confirm_by_typing(
             &key.label,
