@@ -318,15 +318,23 @@ async fn p11kit_server_down_for_seconds() {
 // handshakes recover without a server restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_restarted_while_idle() {
+    tpm_part_restarted_while_idle("swtpm", "swtpm and tpm2-abrmd restarted while idle").await;
+}
+
+// The resource manager alone restarted (the TPM keeps its state): the same recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_resource_manager_restarted_while_idle() {
+    tpm_part_restarted_while_idle("abrmd", "tpm2-abrmd restarted while idle").await;
+}
+
+async fn tpm_part_restarted_while_idle(part: &str, what: &str) {
     let Some(rig) = Rig::start("tpm").await else {
         return;
     };
-    let case = rig
-        .stack
-        .case("swtpm and tpm2-abrmd restarted while idle");
+    let case = rig.stack.case(what);
     assert!(rig.handshake().await.ok);
 
-    rig.stack.stop(Some("swtpm"));
+    rig.stack.stop(Some(part));
     rig.stack.restart();
     let back = Instant::now();
     let mut attempts = Vec::new();
@@ -344,10 +352,10 @@ async fn tpm_restarted_while_idle() {
         .count();
     let recovered = recovery_seconds(&attempts, back);
     println!(
-        "tpm restart: {failed} handshakes failed, recovered {recovered:?} s after the TPM was back"
+        "{what}: {failed} handshakes failed, recovered {recovered:?} s after the TPM was back"
     );
     let stats = rig.token.stats();
-    figures("tpm restart", &stats);
+    figures(what, &stats);
 
     let recovered = recovered.expect("handshakes succeed once the TPM is back");
     assert!(recovered < 1.0, "recovered after {recovered:.3} s");
