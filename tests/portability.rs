@@ -131,9 +131,11 @@ fn token_selection(name: &'static str) {
 
 /// Generates `kind` (or prints why the token cannot), reads it back, then shakes hands for
 /// every scheme the library plans for it: with a rustls client offering only that scheme, and
-/// with `openssl s_client` limited to it.
-async fn handshakes_for(name: &'static str, spec: &str) {
-    let Some(stack) = stack(name) else { return };
+/// with `openssl s_client` limited to it. Returns whether TLS 1.3 was served.
+async fn handshakes_for(name: &'static str, spec: &str) -> bool {
+    let Some(stack) = stack(name) else {
+        return false;
+    };
     let kind = spec.parse::<KeySpec>().unwrap().0;
     let token = build(&stack);
     let mechanisms = MechanismList::read(token.module(), token.token_info().unwrap().slot).unwrap();
@@ -141,7 +143,7 @@ async fn handshakes_for(name: &'static str, spec: &str) {
     let case = stack.case(format!("{spec} key generation and read-back"));
     if let Some(gap) = keygen_gap(kind, &mechanisms) {
         case.skip(&gap);
-        return;
+        return false;
     }
     let label = stack.token.label.clone();
     let generated = token
@@ -243,6 +245,20 @@ async fn handshakes_for(name: &'static str, spec: &str) {
     }
     let stats = token.stats();
     assert!(stats.errors.is_empty(), "{name} {spec}: {stats:?}");
+    planned.serves_tls13()
+}
+
+// A token made by tpm2_ptool lists RSA-PSS and signs it on the TPM, sign-only keys included,
+// so RSA keys serve TLS 1.3 there (a C_InitToken token leaves PSS unlisted: TLS 1.2 only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_ptool_token_serves_rsa_in_tls13() {
+    if handshakes_for("tpm-ptool", "rsa:2048").await {
+        return;
+    }
+    assert!(
+        !common::stack::is_selected("tpm-ptool"),
+        "RSA served only in TLS 1.2"
+    );
 }
 
 /// mTLS: the client's key is on the token (ClientCertResolver); the server, also on the token,

@@ -216,11 +216,14 @@ pub fn selected() -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether `RUSTLS_HSM_STACKS` selects `name`; a variant such as `tpm-ptool` goes with its
+/// stack (`tpm`).
 pub fn is_selected(name: &str) -> bool {
+    let family = name.split('-').next().unwrap_or(name);
     match std::env::var("RUSTLS_HSM_STACKS") {
         Ok(list) if !list.trim().is_empty() => list
             .split(',')
-            .any(|s| s.trim() == name),
+            .any(|s| s.trim() == name || s.trim() == family),
         _ => true,
     }
 }
