@@ -562,6 +562,107 @@ fn established_connections_are_served_while_handshakes_queue_on_a_slow_token() {
     );
 }
 
+/// Signs through rustls's `Signer` in a task on a one-worker runtime, `warm_up` times, then
+/// `measured` times back to back while another task counts; how far the count moved during the
+/// measured signatures (zero when they held the only worker throughout).
+fn ticks_during_signatures(
+    key: &HsmKey,
+    scheme: SignatureScheme,
+    warm_up: usize,
+    measured: usize,
+) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use rustls::sign::SigningKey as _;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let signer = key.choose_scheme(&[scheme]).unwrap();
+    runtime.block_on(async move {
+        let ticks = Arc::new(AtomicU64::new(0));
+        let counter = ticks.clone();
+        let counting = tokio::spawn(async move {
+            loop {
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        });
+        let moved = tokio::spawn(async move {
+            for _ in 0..warm_up {
+                signer.sign(b"warm-up").unwrap();
+                tokio::task::yield_now().await;
+            }
+            let before = ticks.load(Ordering::Relaxed);
+            for _ in 0..measured {
+                signer.sign(b"measured").unwrap();
+            }
+            ticks.load(Ordering::Relaxed) - before
+        })
+        .await
+        .unwrap();
+        counting.abort();
+        moved
+    })
+}
+
+#[test]
+fn quick_signatures_stay_on_the_worker_and_slow_ones_hand_it_over() {
+    // RSA-4096 signing takes milliseconds on SoftHSM: time enough to see another task run.
+    let (hsm, token) = token_with_keys(&["rsa:4096"]);
+    let scheme = SignatureScheme::RSA_PSS_SHA256;
+
+    // Under a generous limit, once the key's signing time is known, a signature keeps the
+    // worker: switching threads would cost more than it saves.
+    let generous = build(&hsm, &token, |b| {
+        b.inline_sign_limit(Duration::from_secs(10))
+    });
+    let moved = ticks_during_signatures(&key(&generous, "rsa:4096"), scheme, 2, 10);
+    assert_eq!(moved, 0, "another task ran during an inline signature");
+
+    // Under the default limit (1 ms) the same signatures hand the worker over, so the runtime's
+    // other tasks (established connections) keep running. Ten in a row leave a busy machine
+    // time enough to start the thread that takes the worker over.
+    let default = build(&hsm, &token, |b| b);
+    let moved = ticks_during_signatures(&key(&default, "rsa:4096"), scheme, 2, 10);
+    assert!(moved > 0, "no other task ran during a slow signature");
+}
+
+#[test]
+fn a_quick_key_hands_the_worker_over_while_every_session_is_busy() {
+    let (hsm, token) = token_with_keys(&["ec:p256"]);
+    let hsm_token = build(&hsm, &token, |b| {
+        b.pool_size(1)
+            .inline_sign_limit(Duration::from_secs(10))
+    });
+    let key = key(&hsm_token, "ec:p256");
+    let scheme = SignatureScheme::ECDSA_NISTP256_SHA256;
+    key.sign_with(scheme, b"learn the signing time")
+        .unwrap();
+
+    // Another thread holds the only session for a while; waiting for it must not hold the
+    // runtime's worker, however quick the key's signatures are.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let holder = {
+        let hsm_token = hsm_token.clone();
+        std::thread::spawn(move || {
+            hsm_token
+                .with_session(|_| {
+                    held_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                })
+                .unwrap();
+        })
+    };
+    held_rx.recv().unwrap();
+    let moved = ticks_during_signatures(&key, scheme, 0, 1);
+    holder.join().unwrap();
+    assert!(moved > 0, "the worker waited for a session");
+    assert!(hsm_token.stats().errors.is_empty(), "{:?}", hsm_token.stats());
+}
+
 // A token whose administrator disabled RSA-PSS still answers C_GetMechanismInfo for it; such
 // keys once loaded with PSS planned and every TLS 1.3 handshake failed with
 // CKR_MECHANISM_INVALID.

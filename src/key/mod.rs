@@ -4,6 +4,7 @@
 mod token;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use tracing::{debug, debug_span, trace};
 use crate::pkcs11::{
     find_key, find_key_on, rv_name, rv_of, spki_fingerprint, KeyKind, KeySelector,
 };
-use crate::pool::{Fault, Live, TokenPool};
+use crate::pool::{Checkout, Fault, Flight, Live, TokenPool};
 use crate::scheme::{scheme_name, sign_message, Method, PublicKeyVerifier, SchemePlan, SignError};
 use crate::stats::Outcome;
 use crate::Error;
@@ -38,6 +39,10 @@ struct KeyInner {
     fingerprint: String,
     verifier: PublicKeyVerifier,
     verify_before_release: bool,
+    /// Signatures quicker than this (µs) are made on the calling thread.
+    inline_limit_us: u64,
+    /// A moving average of this key's recent `C_Sign` times in µs; `u64::MAX` until the first.
+    recent_sign_us: AtomicU64,
     /// Handle and plan for one module generation; redone after any reload.
     resolved: RwLock<Resolved>,
 }
@@ -84,6 +89,14 @@ impl HsmKey {
                 spki: found.spki,
                 verifier,
                 verify_before_release: token.options.verify_before_release,
+                inline_limit_us: u64::try_from(
+                    token
+                        .options
+                        .inline_sign_limit
+                        .as_micros(),
+                )
+                .unwrap_or(u64::MAX),
+                recent_sign_us: AtomicU64::new(u64::MAX),
                 resolved: RwLock::new(Resolved {
                     generation: live.generation,
                     handle: Some(found.private),
@@ -171,6 +184,36 @@ impl HsmKey {
                 return Err(e);
             }
         };
+        self.sign_in_flight(&flight, scheme, message, None)
+    }
+
+    /// Signs at once when that is cheaper than handing an async runtime's worker over: the
+    /// token signed with this key quickly of late, it is up, and a session is free now. `None`,
+    /// with nothing attempted, otherwise.
+    fn sign_now(&self, scheme: SignatureScheme, message: &[u8]) -> Option<Result<Vec<u8>, Error>> {
+        let recent = self
+            .inner
+            .recent_sign_us
+            .load(Ordering::Relaxed);
+        if recent > self.inner.inline_limit_us {
+            return None;
+        }
+        let pool = &self.inner.pool;
+        let flight = pool.enter_now()?;
+        let checkout = pool.try_checkout(flight.live())?;
+        Some(self.sign_in_flight(&flight, scheme, message, Some(checkout)))
+    }
+
+    /// Signs within a flight, on `first` if given (else a session checked out), retrying once
+    /// after a failed software check; counts the outcome.
+    fn sign_in_flight(
+        &self,
+        flight: &Flight,
+        scheme: SignatureScheme,
+        message: &[u8],
+        first: Option<Checkout<'_>>,
+    ) -> Result<Vec<u8>, Error> {
+        let pool = &self.inner.pool;
         let live = flight.live();
         let _span = debug_span!(
             "sign",
@@ -179,15 +222,14 @@ impl HsmKey {
             scheme = %scheme_name(scheme)
         )
         .entered();
-        let mut result = self.sign_verified(live, scheme, message);
+        let mut result = self.sign_verified(live, scheme, message, first);
         if matches!(result, Err(Error::Verify { .. })) {
             // A handle that names another object now (the module was re-initialised behind
             // our back, say) signs with the wrong key: find the key again and try once more.
             self.forget_handle(live.generation);
             pool.stats.retry();
-            result = self.sign_verified(live, scheme, message);
+            result = self.sign_verified(live, scheme, message, None);
         }
-        drop(flight);
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(Error::Busy { .. } | Error::Unavailable { .. }) => Outcome::Refused,
@@ -200,13 +242,14 @@ impl HsmKey {
 
     /// Signs, then verifies in software unless switched off; a failed check withholds the
     /// signature.
-    fn sign_verified(
+    fn sign_verified<'l>(
         &self,
-        live: &Arc<Live>,
+        live: &'l Arc<Live>,
         scheme: SignatureScheme,
         message: &[u8],
+        first: Option<Checkout<'l>>,
     ) -> Result<Vec<u8>, Error> {
-        let signature = self.sign_on(live, scheme, message)?;
+        let signature = self.sign_on(live, scheme, message, first)?;
         if self.inner.verify_before_release {
             if let Err(source) = self
                 .inner
@@ -227,19 +270,23 @@ impl HsmKey {
         Ok(signature)
     }
 
-    /// One signature on a pooled session, with at most one retry after a session, handle or
-    /// login fault.
-    fn sign_on(
+    /// One signature on a pooled session (`first`, if given, for the first try), with at most
+    /// one retry after a session, handle or login fault.
+    fn sign_on<'l>(
         &self,
-        live: &Arc<Live>,
+        live: &'l Arc<Live>,
         scheme: SignatureScheme,
         message: &[u8],
+        mut first: Option<Checkout<'l>>,
     ) -> Result<Vec<u8>, Error> {
         let pool = &self.inner.pool;
         let mut retried = false;
         loop {
             let (handle, method) = self.resolve(live, scheme)?;
-            let mut checkout = pool.checkout(live)?;
+            let mut checkout = match first.take() {
+                Some(checkout) => checkout,
+                None => pool.checkout(live)?,
+            };
             let started = Instant::now();
             let result = sign_message(&checkout.session, handle, self.inner.kind, method, message);
             let took = started.elapsed();
@@ -252,7 +299,10 @@ impl HsmKey {
                 "C_Sign"
             );
             let err = match result {
-                Ok(signature) => return Ok(signature),
+                Ok(signature) => {
+                    self.note_sign_time(took);
+                    return Ok(signature);
+                }
                 Err(err) => err,
             };
             let (rv, fault) = match &err {
@@ -355,6 +405,18 @@ impl HsmKey {
         Ok((found.private, plan))
     }
 
+    /// Folds one `C_Sign` time into the key's moving average (weight 1/8).
+    fn note_sign_time(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let recent = &self.inner.recent_sign_us;
+        let before = recent.load(Ordering::Relaxed);
+        let next = match before {
+            u64::MAX => us,
+            _ => before - before / 8 + us / 8,
+        };
+        recent.store(next, Ordering::Relaxed);
+    }
+
     fn forget_handle(&self, generation: u64) {
         let mut resolved = self
             .inner
@@ -426,7 +488,12 @@ struct HsmSigner {
 
 impl Signer for HsmSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        off_executor(|| self.key.sign_with(self.scheme, message)).map_err(|e| {
+        let key = &self.key;
+        let result = match key.sign_now(self.scheme, message) {
+            Some(result) => result,
+            None => off_executor(|| key.sign_with(self.scheme, message)),
+        };
+        result.map_err(|e| {
             debug!(error = %e, "handshake signature failed");
             rustls::Error::from(e)
         })
@@ -442,7 +509,8 @@ impl Signer for HsmSigner {
 /// rustls signs synchronously inside the handshake. On a multi-threaded tokio runtime the call
 /// runs under `block_in_place`, which hands this worker's other tasks to another worker while
 /// the token works, so established connections keep being served. Elsewhere (a plain thread, or
-/// a current-thread runtime, where nothing can take over) it simply blocks.
+/// a current-thread runtime, where nothing can take over) it simply blocks. Handshake signatures
+/// that a token makes quickly skip this (see `HsmTokenBuilder::inline_sign_limit`).
 pub(crate) fn off_executor<R>(f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
 

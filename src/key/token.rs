@@ -42,6 +42,7 @@ pub struct HsmToken {
 pub(crate) struct KeyOptions {
     pub(crate) verify_before_release: bool,
     pub(crate) tls12_only: bool,
+    pub(crate) inline_sign_limit: Duration,
 }
 
 /// Builds an [`HsmToken`]; every setting is validated once, in [`HsmTokenBuilder::build`].
@@ -60,6 +61,7 @@ pub struct HsmTokenBuilder {
     insecure_skip_verify: bool,
     skip_session_check: bool,
     tls12_only: bool,
+    inline_sign_limit: Option<Duration>,
 }
 
 impl HsmToken {
@@ -204,6 +206,18 @@ impl HsmTokenBuilder {
         self
     }
 
+    /// Signatures the token has lately made faster than this run on the calling thread; slower
+    /// ones first hand an async runtime's worker over to its other tasks (default 1 ms).
+    ///
+    /// Handing the worker over (tokio's `block_in_place`) keeps established connections served
+    /// while a slow token works, but switching threads costs tens of microseconds of CPU per
+    /// signature, more than a fast token takes to sign. A signature also stays on the calling
+    /// thread only when a session is free at once. `Duration::ZERO` always hands over.
+    pub fn inline_sign_limit(mut self, limit: Duration) -> Self {
+        self.inline_sign_limit = Some(limit);
+        self
+    }
+
     /// Accepts keys the token can serve only for TLS 1.2 (RSA without PSS, say).
     pub fn tls12_only(mut self, allow: bool) -> Self {
         self.tls12_only = allow;
@@ -254,6 +268,9 @@ impl HsmTokenBuilder {
         let options = KeyOptions {
             verify_before_release: !self.insecure_skip_verify,
             tls12_only: self.tls12_only,
+            inline_sign_limit: self
+                .inline_sign_limit
+                .unwrap_or(Duration::from_millis(1)),
         };
 
         let token = find_token(&module, &selector)?;

@@ -242,6 +242,35 @@ impl TokenPool {
         Ok(Flight(live))
     }
 
+    /// The live token if it is up right now, entering a flight; `None` rather than waiting
+    /// for a reload (or when shut down).
+    pub(crate) fn enter_now(&self) -> Option<Flight> {
+        let live = match &*self.read_state() {
+            State::Up(live) if live.generation == self.module.generation() => live.clone(),
+            _ => return None,
+        };
+        live.in_flight
+            .fetch_add(1, Ordering::AcqRel);
+        Some(Flight(live))
+    }
+
+    /// A session if one is free right now: no waiting, no opening, nothing counted.
+    pub(crate) fn try_checkout<'a>(&self, live: &'a Live) -> Option<Checkout<'a>> {
+        // The full checkout caps the pool first when the token ran out of sessions.
+        if live
+            .session_count_hit
+            .load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let (permit, _) = live.gate.acquire(Duration::ZERO)?;
+        let session = live.pool.try_get()?;
+        Some(Checkout {
+            session,
+            _permit: permit,
+        })
+    }
+
     /// Checks out a session, waiting at most the checkout timeout.
     pub(crate) fn checkout<'a>(self: &Arc<Self>, live: &'a Live) -> Result<Checkout<'a>, Error> {
         if live
