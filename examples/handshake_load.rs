@@ -247,12 +247,26 @@ impl Target {
         })
     }
 
+    /// The host's first address that accepts a connection (`localhost` may name `::1` first
+    /// for a server listening on 127.0.0.1 only).
     async fn resolve(&self) -> anyhow::Result<SocketAddr> {
-        tokio::net::lookup_host((self.host.as_str(), self.port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("cannot resolve {}", self.host))?
-            .next()
-            .with_context(|| format!("{} has no address", self.host))
+            .collect();
+        for &addr in &addrs {
+            if tokio::net::TcpStream::connect(addr)
+                .await
+                .is_ok()
+            {
+                return Ok(addr);
+            }
+        }
+        bail!(
+            "no address of {} accepts connections on port {} (tried {addrs:?})",
+            self.host,
+            self.port
+        )
     }
 }
 
