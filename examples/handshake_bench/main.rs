@@ -234,7 +234,8 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> 
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let text = serde_json::to_string_pretty(value)?;
+    // Compact: the main run's records and latency curves make a large file.
+    let text = serde_json::to_string(value)?;
     fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())

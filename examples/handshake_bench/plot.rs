@@ -174,7 +174,7 @@ pub(crate) fn latency(path: &Path, results: &Results, key: KeyType) -> anyhow::R
             * 1.1;
         let mut chart = ChartBuilder::on(panel)
             .caption(
-                format!("{concurrency} concurrent connections"),
+                format!("concurrency {concurrency}"),
                 ("sans-serif", 15),
             )
             .margin(8)
