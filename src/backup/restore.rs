@@ -291,24 +291,16 @@ fn key_type(kind: KeyKind) -> KeyType {
 }
 
 fn private_template(kind: KeyKind, target: &Target) -> Vec<Attribute> {
-    let extractable = target.policy == BackupPolicy::WrapWithTrusted;
     let mut template = vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(key_type(kind)),
-        Attribute::Token(target.on_token),
-        Attribute::Private(true),
-        Attribute::Label(target.label.as_bytes().to_vec()),
-        Attribute::Id(target.id.clone()),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(extractable),
-        Attribute::Sign(true),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(false),
     ];
-    if extractable {
-        template.push(Attribute::WrapWithTrusted(true));
-    }
+    template.extend(pkcs11::private_template(
+        &target.label,
+        &target.id,
+        target.policy,
+        target.on_token,
+    ));
     template
 }
 

@@ -325,7 +325,9 @@ fn public_template(label: &str, id: &[u8], on_token: bool) -> Vec<Attribute> {
     ]
 }
 
-fn private_template(
+/// The attributes of a signing key's private half: private, sensitive, sign only; extractable
+/// only under `wrap-with-trusted`.
+pub(crate) fn private_template(
     label: &str,
     id: &[u8],
     policy: BackupPolicy,
