@@ -42,7 +42,11 @@ fn example(name: &str) -> PathBuf {
         assert!(status.success(), "building example {name}");
     }
     let path = profile_dir.join("examples").join(name);
-    assert!(path.exists(), "{} is missing: build the examples", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the examples",
+        path.display()
+    );
     path
 }
 

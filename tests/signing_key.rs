@@ -660,7 +660,11 @@ fn a_quick_key_hands_the_worker_over_while_every_session_is_busy() {
     let moved = ticks_during_signatures(&key, scheme, 0, 1);
     holder.join().unwrap();
     assert!(moved > 0, "the worker waited for a session");
-    assert!(hsm_token.stats().errors.is_empty(), "{:?}", hsm_token.stats());
+    assert!(
+        hsm_token.stats().errors.is_empty(),
+        "{:?}",
+        hsm_token.stats()
+    );
 }
 
 // A token whose administrator disabled RSA-PSS still answers C_GetMechanismInfo for it; such

@@ -173,10 +173,7 @@ pub(crate) fn latency(path: &Path, results: &Results, key: KeyType) -> anyhow::R
             .fold(0.1, f64::max)
             * 1.1;
         let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("concurrency {concurrency}"),
-                ("sans-serif", 15),
-            )
+            .caption(format!("concurrency {concurrency}"), ("sans-serif", 15))
             .margin(8)
             .x_label_area_size(30)
             .y_label_area_size(50)
