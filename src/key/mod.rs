@@ -41,7 +41,8 @@ struct KeyInner {
     verify_before_release: bool,
     /// Signatures quicker than this (µs) are made on the calling thread.
     inline_limit_us: u64,
-    /// A moving average of this key's recent `C_Sign` times in µs; `u64::MAX` until the first.
+    /// This key's recent `C_Sign` time in µs (see `folded_sign_time`); `u64::MAX` until the
+    /// first signature.
     recent_sign_us: AtomicU64,
     /// Handle and plan for one module generation; redone after any reload.
     resolved: RwLock<Resolved>,
@@ -405,16 +406,12 @@ impl HsmKey {
         Ok((found.private, plan))
     }
 
-    /// Folds one `C_Sign` time into the key's moving average (weight 1/8).
+    /// Folds one `C_Sign` time into the key's recent signing time.
     fn note_sign_time(&self, took: std::time::Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let recent = &self.inner.recent_sign_us;
         let before = recent.load(Ordering::Relaxed);
-        let next = match before {
-            u64::MAX => us,
-            _ => before - before / 8 + us / 8,
-        };
-        recent.store(next, Ordering::Relaxed);
+        recent.store(folded_sign_time(before, us), Ordering::Relaxed);
     }
 
     fn forget_handle(&self, generation: u64) {
@@ -504,6 +501,21 @@ impl Signer for HsmSigner {
     }
 }
 
+/// A key's recent signing time after a signature that took `us`: a quicker signature sets it, a
+/// slower one lifts it by an eighth of the difference.
+///
+/// The token's own signing time shows in its quickest signatures. On a busy machine a soft
+/// token's signatures also wait for a CPU, which says nothing about whether handing the worker
+/// over would help, so such waits lift the figure only slowly; a token that turns slow (a remote
+/// HSM whose latency rises tenfold, say) lifts it past the limit within one or two signatures.
+fn folded_sign_time(before: u64, us: u64) -> u64 {
+    if us <= before {
+        us
+    } else {
+        before + (us - before) / 8
+    }
+}
+
 /// Runs a blocking token call so that it does not stall an async runtime.
 ///
 /// rustls signs synchronously inside the handshake. On a multi-threaded tokio runtime the call
@@ -519,5 +531,24 @@ pub(crate) fn off_executor<R>(f: impl FnOnce() -> R) -> R {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folded_sign_time;
+
+    #[test]
+    fn signing_time_follows_quick_signatures_and_rises_slowly() {
+        // The first signature sets it.
+        assert_eq!(folded_sign_time(u64::MAX, 700), 700);
+        // A soft token waiting for a CPU now and then stays near its own time.
+        let mut recent = 700;
+        for us in [1300, 1400, 700, 1300, 1250] {
+            recent = folded_sign_time(recent, us);
+        }
+        assert!(recent < 1000, "{recent}");
+        // A token that turns tenfold slower is past a 1 ms limit after one such signature.
+        assert!(folded_sign_time(700, 7000) > 1000);
     }
 }
