@@ -234,11 +234,36 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> 
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    // Compact: the main run's records and latency curves make a large file.
-    let text = serde_json::to_string(value)?;
+    // Compact, with fractions cut to three decimals: the main run's records and latency curves
+    // make a large file, and more digits than that are noise.
+    let mut json = serde_json::to_value(value)?;
+    round_floats(&mut json);
+    let text = serde_json::to_string(&json)?;
     fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// Rounds every non-integer number in `value` to three decimals.
+fn round_floats(value: &mut serde_json::Value) {
+    use serde_json::Value;
+
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(rounded) = n
+                .as_f64()
+                .map(|f| (f * 1000.0).round() / 1000.0)
+                .and_then(serde_json::Number::from_f64)
+            {
+                *n = rounded;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(round_floats),
+        Value::Object(fields) => fields
+            .values_mut()
+            .for_each(round_floats),
+        _ => {}
+    }
 }
 
 /// rustls-hsm's default pool size on this machine: twice the CPUs, at least 4.

@@ -175,6 +175,7 @@ pub(crate) fn latency(path: &Path, results: &Results, key: KeyType) -> anyhow::R
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("concurrency {concurrency}"), ("sans-serif", 15))
             .margin(8)
+            .margin_right(30)
             .x_label_area_size(30)
             .y_label_area_size(50)
             .build_cartesian_2d(0f64..3f64, 0f64..top)
@@ -227,7 +228,8 @@ pub(crate) fn slow(path: &Path, slow: &SlowResults) -> anyhow::Result<()> {
         .max()
         .unwrap_or(1000) as f64
         / 1000.0
-        * 1.5;
+        // two decades of headroom keep the legend off the curves
+        * 150.0;
     let bottom = slow
         .scenarios
         .iter()
@@ -241,13 +243,11 @@ pub(crate) fn slow(path: &Path, slow: &SlowResults) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!(
-                "{}: requests on an open connection during a handshake storm",
-                slow.token_name
-            ),
+            "Slow token: requests on an open connection, idle and in a handshake storm",
             ("sans-serif", 17),
         )
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..3f64, (bottom..top.max(bottom * 10.0)).log_scale())
