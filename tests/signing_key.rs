@@ -554,10 +554,12 @@ fn established_connections_are_served_while_handshakes_queue_on_a_slow_token() {
         "worst ping {worst_ping:?} over {pings} pings; median handshake {median_handshake:?}"
     );
     // Handshakes queued for the one session, yet the open connection kept answering: its worst
-    // round trip stays well under the time a handshake spent queued.
+    // round trip stays well under the time a handshake spent queued. Without the hand-over the
+    // two are about equal; with it the worst ping is a tenth or less on a quiet machine, and
+    // the margin leaves room for a loaded one.
     assert!(pings > 10, "pings during the storm: {pings}");
     assert!(
-        worst_ping * 4 < median_handshake,
+        worst_ping * 3 < median_handshake,
         "worst ping {worst_ping:?} vs median handshake {median_handshake:?}"
     );
 }
