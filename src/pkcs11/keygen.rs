@@ -158,19 +158,15 @@ pub fn import_private_key(
             return Err(Error::pkcs11("create public key object")(e));
         }
     };
-    let checked = read_key(session, private_handle).and_then(|key| {
+    read_back(session, private_handle, public_handle, |key| {
         if !key.sensitive || key.extractable {
             return Err(Error::KeyImport {
                 reason: "the token did not keep the imported key sensitive and non-extractable"
                     .into(),
             });
         }
-        Ok(key)
-    });
-    if checked.is_err() {
-        destroy_pair(session, private_handle, Some(public_handle));
-    }
-    checked
+        Ok(())
+    })
 }
 
 fn generate(
@@ -207,12 +203,24 @@ fn generate(
     let private = private_template(label, &id, policy, on_token);
     let (public_handle, private_handle) = generate_pair(session, &mechanism, &public, &private)?;
 
-    let checked = read_key(session, private_handle).and_then(|key| {
-        check_generated(&key, policy)?;
+    read_back(session, private_handle, public_handle, |key| {
+        check_generated(key, policy)
+    })
+}
+
+/// Reads a new pair back and checks it; a pair that fails is destroyed, both halves.
+fn read_back(
+    session: &Session,
+    private: ObjectHandle,
+    public: ObjectHandle,
+    check: impl FnOnce(&KeyObject) -> Result<(), Error>,
+) -> Result<KeyObject, Error> {
+    let checked = read_key(session, private).and_then(|key| {
+        check(&key)?;
         Ok(key)
     });
     if checked.is_err() {
-        destroy_pair(session, private_handle, Some(public_handle));
+        destroy_pair(session, private, Some(public));
     }
     checked
 }

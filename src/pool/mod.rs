@@ -149,6 +149,12 @@ pub(crate) struct Checkout<'a> {
 pub(crate) struct Flight(Arc<Live>);
 
 impl Flight {
+    fn new(live: Arc<Live>) -> Self {
+        live.in_flight
+            .fetch_add(1, Ordering::AcqRel);
+        Self(live)
+    }
+
     pub(crate) fn live(&self) -> &Arc<Live> {
         &self.0
     }
@@ -224,34 +230,26 @@ impl TokenPool {
     /// The live token, entering a flight; fails fast (after waiting for an attempt already in
     /// progress, at most the checkout timeout) while the token is down.
     pub(crate) fn enter(self: &Arc<Self>) -> Result<Flight, Error> {
-        let live = match &*self.read_state() {
-            State::Up(live) if live.generation == self.module.generation() => Some(live.clone()),
-            State::Closed => {
-                return Err(Error::ShutDown {
-                    token: self.name.clone(),
-                })
-            }
-            _ => None,
-        };
-        let live = match live {
-            Some(live) => live,
-            None => self.wait_for_recovery()?,
-        };
-        live.in_flight
-            .fetch_add(1, Ordering::AcqRel);
-        Ok(Flight(live))
+        if let Some(flight) = self.enter_now() {
+            return Ok(flight);
+        }
+        if self.is_closed() {
+            return Err(Error::ShutDown {
+                token: self.name.clone(),
+            });
+        }
+        Ok(Flight::new(self.wait_for_recovery()?))
     }
 
     /// The live token if it is up right now, entering a flight; `None` rather than waiting
     /// for a reload (or when shut down).
     pub(crate) fn enter_now(&self) -> Option<Flight> {
-        let live = match &*self.read_state() {
-            State::Up(live) if live.generation == self.module.generation() => live.clone(),
-            _ => return None,
-        };
-        live.in_flight
-            .fetch_add(1, Ordering::AcqRel);
-        Some(Flight(live))
+        match &*self.read_state() {
+            State::Up(live) if live.generation == self.module.generation() => {
+                Some(Flight::new(live.clone()))
+            }
+            _ => None,
+        }
     }
 
     /// A session if one is free right now: no waiting, no opening, nothing counted.
