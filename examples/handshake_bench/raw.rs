@@ -14,8 +14,8 @@ use hdrhistogram::Histogram;
 use rustls_hsm::pkcs11::Module;
 use rustls_hsm::scheme::Method;
 
-use crate::direct::{mechanism, token_input};
 use crate::engine::{new_histogram, record};
+use rustls_hsm::scheme::{mechanism_for, token_input};
 
 const WARMING: u8 = 0;
 const MEASURING: u8 = 1;
@@ -78,7 +78,7 @@ pub(crate) fn measure(
             let mut latency = new_histogram();
             let mut errors = BTreeMap::<String, u64>::new();
             let mut count = 0u64;
-            let mechanism = mechanism(method);
+            let mechanism = mechanism_for(method);
             start.wait();
             loop {
                 let began = Instant::now();

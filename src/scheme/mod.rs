@@ -8,5 +8,5 @@ mod verify;
 pub use plan::{
     all_schemes, is_pkcs1, scheme_name, HashAlg, Method, SchemeEntry, SchemePlan, MIN_RSA_BITS,
 };
-pub use sign::{sign_message, SignError};
+pub use sign::{mechanism_for, sign_message, token_input, SignError};
 pub use verify::{verify_signature, PublicKeyVerifier, VerifyError};

@@ -71,8 +71,8 @@ pub fn sign_message(
     finish(kind, method, raw)
 }
 
-/// What the token is given: the message, a digest, or a DigestInfo.
-pub(crate) fn token_input(method: Method, message: &[u8]) -> Vec<u8> {
+/// What the token is given for `method`: the message, its digest, or a DigestInfo.
+pub fn token_input(method: Method, message: &[u8]) -> Vec<u8> {
     match method {
         Method::EcdsaDigest(h) | Method::RsaPssDigest(h) => digest(h, message),
         Method::RsaPkcs1DigestInfo(h) => {
@@ -84,8 +84,9 @@ pub(crate) fn token_input(method: Method, message: &[u8]) -> Vec<u8> {
     }
 }
 
-/// The mechanism with its parameters.
-pub(crate) fn mechanism_for(method: Method) -> Mechanism<'static> {
+/// The PKCS#11 mechanism for `method`, with its parameters (PSS: salt = hash length, MGF1
+/// with the same hash; EdDSA: pure, no parameters).
+pub fn mechanism_for(method: Method) -> Mechanism<'static> {
     let pss = |h: HashAlg| PkcsPssParams {
         hash_alg: h.mechanism(),
         mgf: match h {
