@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
-use rustls_hsm::pkcs11::{generate_key_pair, BackupPolicy, KeySelector};
+use rustls_hsm::pkcs11::KeySelector;
 use rustls_hsm::resolver::ServerCertResolver;
 use rustls_hsm::{HsmToken, StatsSnapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::keys::generate;
 use common::stack::Stack;
 use common::tls::{client_config, handshake, TestCa, TestServer};
 
@@ -64,13 +65,7 @@ impl Rig {
             .pool_size(4)
             .build()
             .unwrap();
-        let label = stack.token.label.clone();
-        token
-            .with_session(|session| {
-                let spec = "ec:p256".parse().unwrap();
-                generate_key_pair(session, &label, "tls", spec, None, BackupPolicy::None).unwrap();
-            })
-            .unwrap();
+        generate(&token, &stack.token.label, "tls", "ec:p256");
         let key = token
             .key(&KeySelector::label("tls"))
             .unwrap();

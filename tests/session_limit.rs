@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use cryptoki::error::{Error as CkError, RvError};
 use rustls::SignatureScheme;
-use rustls_hsm::pkcs11::{generate_key_pair, BackupPolicy, KeySelector};
+use rustls_hsm::pkcs11::KeySelector;
 use rustls_hsm::{Error, HsmToken};
 
+use common::keys::generate;
 use common::stack::Stack;
 
 const CONFIGURED_POOL: usize = 2_000;
@@ -50,13 +51,7 @@ fn tpm_session_limit_caps_the_pool() {
         .checkout_timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let label = stack.token.label.clone();
-    token
-        .with_session(|session| {
-            let spec = "ec:p256".parse().unwrap();
-            generate_key_pair(session, &label, "tls", spec, None, BackupPolicy::None).unwrap();
-        })
-        .unwrap();
+    generate(&token, &stack.token.label, "tls", "ec:p256");
     let key = token
         .key(&KeySelector::label("tls"))
         .unwrap();

@@ -14,15 +14,20 @@ pub fn token_with_keys(specs: &[&str]) -> (TestHsm, TestToken) {
     let (hsm, token) = TestHsm::with_token("signer");
     hsm.use_in_this_process();
     let built = build(&hsm, &token, |b| b);
-    built
+    for spec in specs {
+        generate(&built, "signer", spec, spec);
+    }
+    (hsm, token)
+}
+
+/// Generates a `spec` key pair labelled `label` on the token `token_label` behind `token`.
+pub fn generate(token: &HsmToken, token_label: &str, label: &str, spec: &str) {
+    let kind: KeySpec = spec.parse().unwrap();
+    token
         .with_session(|session| {
-            for spec in specs {
-                let kind: KeySpec = spec.parse().unwrap();
-                generate_key_pair(session, "signer", spec, kind, None, BackupPolicy::None).unwrap();
-            }
+            generate_key_pair(session, token_label, label, kind, None, BackupPolicy::None).unwrap();
         })
         .unwrap();
-    (hsm, token)
 }
 
 /// An `HsmToken` over `token`, with its PIN guard file in the store's directory.
