@@ -18,7 +18,8 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use rustls::SignatureScheme;
-use rustls_hsm::backup::{find_kek, Backup};
+use rustls_hsm::backup::{find_kek, Backup, UnwrapTemplate};
+use rustls_hsm::pkcs11::ext::sys;
 use rustls_hsm::pkcs11::{find_token, login_user, Module, TokenSelector};
 use rustls_hsm::resolver::ServerCertResolver;
 use rustls_hsm::scheme::verify_signature;
@@ -460,9 +461,8 @@ fn one_share_short_of_the_threshold_cannot_import_the_kek() {
 /// The attack a backup must resist: someone holds the file and the token, but not the user PIN.
 ///
 /// On SoftHSM the KEK is a private object: invisible, and unusable by handle, in a public
-/// session and to the security officer. With the user PIN the KEK still cannot be turned into a
-/// decryption key; but a PIN holder can unwrap a backup with a template of their own (see the
-/// LIMITATION on `CKA_UNWRAP_TEMPLATE` in `src/backup/restore.rs` and docs/backup.md).
+/// session and to the security officer. Even with the user PIN the KEK cannot be turned into a
+/// decryption key, and the keys it unwraps are forced sensitive and non-extractable.
 #[test]
 fn file_and_token_without_the_user_pin_cannot_unwrap_a_readable_key() {
     let a = Hsm::new("hsm-a");
@@ -480,7 +480,7 @@ fn file_and_token_without_the_user_pin_cannot_unwrap_a_readable_key() {
 
     // The KEK's handle, as a logged-in user sees it.
     let user = login_user(&module, &token, &pin).unwrap();
-    let kek = find_kek(&user, &token, KEK, true).unwrap();
+    let kek = find_kek(&module, &user, &token, KEK, true).unwrap();
     assert!(kek.private && kek.trusted && !kek.modifiable);
     user.logout().unwrap();
     drop(user);
@@ -514,7 +514,7 @@ fn file_and_token_without_the_user_pin_cannot_unwrap_a_readable_key() {
     // With the user PIN, the KEK cannot be given decryption rights, directly or by a copy.
     // (SoftHSM gives private objects new handles at each login: find the KEK again.)
     let user = login_user(&module, &token, &pin).unwrap();
-    let kek = find_kek(&user, &token, KEK, true).unwrap();
+    let kek = find_kek(&module, &user, &token, KEK, true).unwrap();
     let refused = |result: Result<(), cryptoki::error::Error>, what: &str| match result {
         Err(cryptoki::error::Error::Pkcs11(rv, _)) => assert!(
             matches!(rv, RvError::ActionProhibited | RvError::AttributeReadOnly),
@@ -537,17 +537,38 @@ fn file_and_token_without_the_user_pin_cannot_unwrap_a_readable_key() {
             &format!("copying the KEK with {change:?}"),
         );
     }
-    // LIMITATION (documented): without CKA_UNWRAP_TEMPLATE on the KEK, a holder of the user PIN
-    // can unwrap into a readable key. If this starts failing, the token enforces an unwrap
-    // template: update docs/backup.md.
-    let readable = user.unwrap_key(
+    // Nor can the PIN holder unwrap the backup into a readable key: the KEK's
+    // CKA_UNWRAP_TEMPLATE forces CKA_SENSITIVE=true and CKA_EXTRACTABLE=false.
+    assert_eq!(kek.unwrap_template, UnwrapTemplate::Locks);
+    match user.unwrap_key(
         &Mechanism::AesKeyWrapPad,
         kek.handle,
         &backup.wrapped,
         &readable_template(),
+    ) {
+        Err(cryptoki::error::Error::Pkcs11(RvError::TemplateInconsistent, _)) => {}
+        other => panic!("a readable unwrap must be refused by the unwrap template: {other:?}"),
+    }
+    // Nor use the KEK as a block decryption oracle (a CBC unwrap of one block into a readable
+    // secret): CKA_ALLOWED_MECHANISMS admits RFC 5649 only.
+    let oracle = user.unwrap_key(
+        &Mechanism::AesCbc([0; 16]),
+        kek.handle,
+        &backup.wrapped[..16],
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ],
     );
-    let readable = readable.expect("SoftHSM 2.6.1 lets a PIN holder choose the unwrap template");
-    user.destroy_object(readable).unwrap();
+    assert!(oracle.is_err(), "a CBC unwrap under the KEK succeeded");
+    assert_eq!(
+        kek.allowed_mechanisms,
+        Some(vec![sys::CKM_AES_KEY_WRAP_PAD]),
+        "SoftHSM offers RFC 5649 as CKM_AES_KEY_WRAP_PAD only"
+    );
 }
 
 /// A template that would leave the unwrapped private key readable.
@@ -578,7 +599,7 @@ fn assert_no_handle_unwraps(session: &Session, backup: &Backup, kek: ObjectHandl
 }
 
 #[test]
-fn a_lost_key_restores_on_the_same_hsm_and_keeps_its_policy_only_when_asked() {
+fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     let a = Hsm::new("hsm-a");
     ok(a.cli_so(&["kek", "create", "--label", KEK]));
     a.generate("tls", "wrap-with-trusted");
@@ -587,15 +608,34 @@ fn a_lost_key_restores_on_the_same_hsm_and_keeps_its_policy_only_when_asked() {
     ok(a.backup("tls", KEK, &file));
     ok(a.cli(&["key", "delete", "tls", "--yes"]));
 
-    let mut restore = a.restore(&file, KEK);
-    restore.args(["--backup-policy", "wrap-with-trusted"]);
-    ok(restore);
+    // The KEK's unwrap template locks restored keys: keeping wrap-with-trusted is refused
+    // before anything is unwrapped, and says why.
+    let before = a.object_count();
+    let mut keep = a.restore(&file, KEK);
+    keep.args(["--backup-policy", "wrap-with-trusted"]);
+    let err = fails(keep);
+    assert!(
+        err.contains("CKA_UNWRAP_TEMPLATE") && err.contains("keep the backup file"),
+        "{err}"
+    );
+    assert_eq!(a.object_count(), before);
+
+    ok(a.restore(&file, KEK));
     assert_eq!(a.spki("tls"), spki);
     let list = common::cli::json(a.cli(&["key", "list", "--json"]));
-    assert_eq!(list["keys"][0]["extractable"], true, "{list:#}");
+    assert_eq!(list["keys"][0]["extractable"], false, "{list:#}");
     assert_eq!(list["keys"][0]["sensitive"], true, "{list:#}");
-    // So it can be backed up again.
-    ok(a.backup("tls", KEK, &a.dir().join("again.backup")));
+    // The file stays the key's backup: it verifies again, and the restored key cannot leave.
+    ok(a.cli(&[
+        "backup",
+        "verify",
+        "--in",
+        file.to_str().unwrap(),
+        "--kek",
+        KEK,
+    ]));
+    let err = fails(a.backup("tls", KEK, &a.dir().join("again.backup")));
+    assert!(err.contains("CKA_EXTRACTABLE=false"), "{err}");
 
     // A key backed up without that policy cannot gain it at restore.
     let mut narrowed = Backup::read(&file).unwrap();

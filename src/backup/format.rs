@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::kek::CheckValue;
+use super::wrap::KeyWrap;
 use super::Error;
 use crate::pkcs11::{kind_of_spki, spki_fingerprint, BackupPolicy, KeyKind};
 
@@ -23,9 +24,6 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// The `format` field of every backup file.
 pub const FORMAT_NAME: &str = "rustls-hsm-key-backup";
-
-/// The wrapping mechanism's name in the file.
-pub const MECHANISM_AES_KEY_WRAP_PAD: &str = "CKM_AES_KEY_WRAP_PAD";
 
 /// A validated backup: one wrapped private key and what is needed to restore and check it.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -40,6 +38,8 @@ pub struct Backup {
     pub policy: BackupPolicy,
     /// The public key as DER SubjectPublicKeyInfo.
     pub spki: Vec<u8>,
+    /// The mechanism it was wrapped with: RFC 5649, by the name the token gave it.
+    pub mechanism: KeyWrap,
     /// The label of the KEK it was wrapped under.
     pub kek_label: String,
     /// The KEK's check value, when the token gave one.
@@ -88,7 +88,7 @@ impl Backup {
                 spki_sha256: spki_fingerprint(&self.spki),
             },
             wrapping: WrapPart {
-                mechanism: MECHANISM_AES_KEY_WRAP_PAD.to_owned(),
+                mechanism: self.mechanism.name().to_owned(),
                 kek_label: self.kek_label.clone(),
                 kek_check_value: self
                     .kek_check_value
@@ -309,12 +309,14 @@ impl Content {
             "wrap-with-trusted" => BackupPolicy::WrapWithTrusted,
             other => return Err(format!("unknown backup policy `{other}`")),
         };
-        if self.wrapping.mechanism != MECHANISM_AES_KEY_WRAP_PAD {
-            return Err(format!(
-                "unknown wrapping mechanism `{}`; this rustls-hsm restores only {MECHANISM_AES_KEY_WRAP_PAD}",
-                self.wrapping.mechanism
-            ));
-        }
+        let mechanism = KeyWrap::from_name(&self.wrapping.mechanism).ok_or_else(|| {
+            format!(
+                "unknown wrapping mechanism `{}`; this rustls-hsm restores only {} and {}",
+                self.wrapping.mechanism,
+                KeyWrap::Pad.name(),
+                KeyWrap::Kwp.name()
+            )
+        })?;
         let wrapped = hex_field("wrapping.wrapped_key", &self.wrapping.wrapped_key)?;
         // RFC 5649 output is a whole number of 8-byte blocks, at least two.
         if wrapped.len() < 16 || wrapped.len() % 8 != 0 {
@@ -336,6 +338,7 @@ impl Content {
             kind,
             policy,
             spki,
+            mechanism,
             kek_label: self.wrapping.kek_label,
             kek_check_value,
             wrapped,
@@ -372,6 +375,7 @@ mod tests {
             kind: KeyKind::Ec(Curve::P256),
             policy: BackupPolicy::WrapWithTrusted,
             spki,
+            mechanism: KeyWrap::Pad,
             kek_label: "kek".into(),
             kek_check_value: Some(CheckValue([1, 2, 3])),
             wrapped: vec![9; 48],

@@ -6,19 +6,26 @@
 //! object, which only this process can see and which vanishes with its session; the user then
 //! copies it (`C_CopyObject`) into a private token object that can no longer be modified, and the
 //! session object is destroyed. Every attribute is read back afterwards.
+//!
+//! The KEK's `CKA_UNWRAP_TEMPLATE` forces every key it unwraps to be sensitive and
+//! non-extractable, whatever template the caller of `C_UnwrapKey` gives, and its
+//! `CKA_ALLOWED_MECHANISMS` lets it serve only RFC 5649: with the user PIN, a backup still
+//! cannot be unwrapped into a readable key, nor the KEK used as a block decryption oracle
+//! (unwrapping with `CKM_AES_CBC`).
 
 use std::fmt;
 use std::str::FromStr;
 
 use aes::cipher::{BlockEncrypt, KeyInit};
 use cryptoki::error::RvError;
-use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use secrecy::SecretString;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
+use super::wrap::{KeyWrap, Op};
 use super::Error;
+use crate::pkcs11::ext::{raw_calls, sys, ulongs_from_bytes, Attr};
 use crate::pkcs11::{self, login_user, rv_of, Module, PinState, Token};
 
 /// The KEK length in bytes: AES-256.
@@ -59,6 +66,41 @@ impl FromStr for CheckValue {
     }
 }
 
+/// What a KEK's `CKA_UNWRAP_TEMPLATE` does to the keys it unwraps.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum UnwrapTemplate {
+    /// It forces every unwrapped key to be sensitive and non-extractable.
+    Locks,
+    /// There is none, or it lets an unwrapped key be readable or extractable.
+    Weak,
+    /// It cannot be read through this module (one that gives each caller its own instance).
+    Unknown,
+}
+
+impl UnwrapTemplate {
+    fn of(template: Option<&[(sys::CK_ATTRIBUTE_TYPE, Vec<u8>)]>) -> Self {
+        let has = |kind, value: bool| {
+            template
+                .unwrap_or_default()
+                .iter()
+                .any(|(k, v)| *k == kind && v.len() == 1 && (v[0] != 0) == value)
+        };
+        if has(sys::CKA_SENSITIVE, true) && has(sys::CKA_EXTRACTABLE, false) {
+            Self::Locks
+        } else {
+            Self::Weak
+        }
+    }
+}
+
+/// The template every KEK made here carries as `CKA_UNWRAP_TEMPLATE`.
+fn locked_unwrap_template() -> Vec<Attr> {
+    vec![
+        Attr::bool(sys::CKA_SENSITIVE, true),
+        Attr::bool(sys::CKA_EXTRACTABLE, false),
+    ]
+}
+
 /// A KEK found on a token, with the attributes that decide whether it may be used.
 #[derive(Clone, Debug)]
 pub struct KekObject {
@@ -86,6 +128,10 @@ pub struct KekObject {
     pub encrypt_or_decrypt: bool,
     /// `CKA_MODIFIABLE`.
     pub modifiable: bool,
+    /// What its `CKA_UNWRAP_TEMPLATE` does to unwrapped keys.
+    pub unwrap_template: UnwrapTemplate,
+    /// `CKA_ALLOWED_MECHANISMS`, when it has one and it can be read.
+    pub allowed_mechanisms: Option<Vec<sys::CK_MECHANISM_TYPE>>,
 }
 
 impl KekObject {
@@ -102,6 +148,23 @@ impl KekObject {
         self.check_common(token)?;
         if !self.wrap {
             return Err(self.unfit(token, "CKA_WRAP=false: it cannot wrap keys"));
+        }
+        match self.unwrap_template {
+            UnwrapTemplate::Locks => {}
+            UnwrapTemplate::Weak => {
+                return Err(self.unfit(
+                    token,
+                    "its CKA_UNWRAP_TEMPLATE does not force CKA_SENSITIVE=true and \
+                     CKA_EXTRACTABLE=false, so a holder of the user PIN could unwrap a backup \
+                     into a readable key; make a KEK with `rustls-hsm kek create`, `kek \
+                     ceremony` or `kek import`",
+                ))
+            }
+            UnwrapTemplate::Unknown => tracing::warn!(
+                kek = %self.label,
+                "the KEK's CKA_UNWRAP_TEMPLATE cannot be read through this module; it is \
+                 checked where the token's own module is loaded"
+            ),
         }
         Ok(())
     }
@@ -157,6 +220,7 @@ impl KekObject {
 /// `logged_in` says whether `session` is logged in: a KEK is a private object, invisible
 /// otherwise, and the error says so.
 pub fn find_kek(
+    module: &Module,
     session: &Session,
     token: &Token,
     label: &str,
@@ -174,7 +238,7 @@ pub fn find_kek(
         reason,
     };
     match handles.as_slice() {
-        [handle] => read_kek(session, *handle),
+        [handle] => read_kek(module, session, *handle),
         [] if logged_in => Err(not_found(
             "there is none; make one with `rustls-hsm kek create`, `kek ceremony` or `kek import`"
                 .into(),
@@ -216,7 +280,8 @@ pub fn create_kek(
     drop(user);
 
     let so = login_so(module, token, so_pin)?;
-    let temporary = make_session_kek(&so, label, value)?;
+    let mechanisms = kek_mechanisms(module, &so, token)?;
+    let temporary = make_session_kek(module, &so, label, value, &mechanisms)?;
     logout(&so)?;
 
     let user = login_user(module, token, user_pin)?;
@@ -237,8 +302,8 @@ pub fn create_kek(
     }
     drop(so);
 
-    let checked = read_kek(&user, copied).and_then(|kek| {
-        check_created(&kek, token, value)?;
+    let checked = read_kek(module, &user, copied).and_then(|kek| {
+        check_created(&kek, token, value, &mechanisms)?;
         Ok(kek)
     });
     if checked.is_err() {
@@ -305,13 +370,43 @@ fn refuse_existing(session: &Session, token: &Token, label: &str) -> Result<(), 
     }
 }
 
+/// The RFC 5649 mechanisms the KEK may serve: those the token offers for wrapping or unwrapping.
+fn kek_mechanisms(
+    module: &Module,
+    session: &Session,
+    token: &Token,
+) -> Result<Vec<sys::CK_MECHANISM_TYPE>, Error> {
+    let mut mechanisms: Vec<_> = KeyWrap::offered(module, session, token, Op::Wrap)
+        .into_iter()
+        .chain(KeyWrap::offered(module, session, token, Op::Unwrap))
+        .map(KeyWrap::mechanism_type)
+        .collect();
+    mechanisms.sort_unstable();
+    mechanisms.dedup();
+    if mechanisms.is_empty() {
+        // Names the missing mechanisms.
+        KeyWrap::choose(module, session, token, Op::Wrap, None)?;
+    }
+    Ok(mechanisms)
+}
+
 /// The SO's public session object: trusted, wrap/unwrap only, gone when the session closes.
+///
+/// Its `CKA_UNWRAP_TEMPLATE` and `CKA_ALLOWED_MECHANISMS` are beyond cryptoki, so it is made
+/// through the module's own functions.
 fn make_session_kek(
+    module: &Module,
     so: &Session,
     label: &str,
     value: Option<&Zeroizing<[u8; KEK_LEN]>>,
+    mechanisms: &[sys::CK_MECHANISM_TYPE],
 ) -> Result<ObjectHandle, Error> {
-    let mut template = vec![
+    let raw = raw_calls(
+        module,
+        so,
+        "give a key-encryption key its CKA_UNWRAP_TEMPLATE",
+    )?;
+    let mut template: Vec<Attr> = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(false),
@@ -327,20 +422,27 @@ fn make_session_kek(
         Attribute::Verify(false),
         Attribute::Derive(false),
         Attribute::Trusted(true),
-    ];
+    ]
+    .iter()
+    .map(Attr::from)
+    .collect();
+    template.push(Attr::template(
+        sys::CKA_UNWRAP_TEMPLATE,
+        locked_unwrap_template(),
+    ));
+    template.push(Attr::ulongs(sys::CKA_ALLOWED_MECHANISMS, mechanisms));
     let made = match value {
         None => {
-            template.push(Attribute::ValueLen((KEK_LEN as u64).into()));
-            so.generate_key(&Mechanism::AesKeyGen, &template)
+            template.push(Attr::ulong(sys::CKA_VALUE_LEN, KEK_LEN as sys::CK_ULONG));
+            raw.generate_key(so, sys::CKM_AES_KEY_GEN, &template)
                 .map_err(pkcs11::Error::pkcs11(
                     "generate the KEK (C_GenerateKey, SO session)",
                 ))
         }
         Some(value) => {
-            template.push(Attribute::Value(value.to_vec()));
-            let made = so.create_object(&template);
-            wipe(&mut template);
-            match made {
+            // The attribute's bytes are zeroized when the template is dropped.
+            template.push(Attr::bytes(sys::CKA_VALUE, value.to_vec()));
+            match raw.create_object(so, &template) {
                 // kryoptic 1.5.4 accepts CKA_TRUSTED only from C_GenerateKey, and refuses to set
                 // it later too: an imported key can never be trusted there.
                 Err(e) if rv_of(&e) == Some(RvError::AttributeTypeInvalid) => {
@@ -364,6 +466,7 @@ fn check_created(
     kek: &KekObject,
     token: &Token,
     value: Option<&Zeroizing<[u8; KEK_LEN]>>,
+    mechanisms: &[sys::CK_MECHANISM_TYPE],
 ) -> Result<(), Error> {
     let checks = [
         ("CKA_PRIVATE", kek.private, true),
@@ -375,6 +478,16 @@ fn check_created(
         ("CKA_ENCRYPT or CKA_DECRYPT", kek.encrypt_or_decrypt, false),
         ("CKA_MODIFIABLE", kek.modifiable, false),
         ("CKK_AES with CKA_VALUE_LEN 32", kek.is_aes256, true),
+        (
+            "CKA_UNWRAP_TEMPLATE (sensitive, non-extractable)",
+            kek.unwrap_template == UnwrapTemplate::Locks,
+            true,
+        ),
+        (
+            "CKA_ALLOWED_MECHANISMS (RFC 5649 only)",
+            kek.allowed_mechanisms.as_deref() == Some(mechanisms),
+            true,
+        ),
     ];
     for (name, have, want) in checks {
         if have != want {
@@ -402,7 +515,7 @@ fn check_created(
     Ok(())
 }
 
-fn read_kek(session: &Session, handle: ObjectHandle) -> Result<KekObject, Error> {
+fn read_kek(module: &Module, session: &Session, handle: ObjectHandle) -> Result<KekObject, Error> {
     let attrs = session
         .get_attributes(
             handle,
@@ -436,6 +549,8 @@ fn read_kek(session: &Session, handle: ObjectHandle) -> Result<KekObject, Error>
         unwrap: false,
         encrypt_or_decrypt: false,
         modifiable: true,
+        unwrap_template: UnwrapTemplate::Unknown,
+        allowed_mechanisms: None,
     };
     let (mut aes, mut len32) = (false, false);
     for attr in attrs {
@@ -460,16 +575,24 @@ fn read_kek(session: &Session, handle: ObjectHandle) -> Result<KekObject, Error>
         }
     }
     kek.is_aes256 = aes && len32;
-    Ok(kek)
-}
-
-/// Zeroizes the key value in a template once the token has it.
-fn wipe(template: &mut [Attribute]) {
-    for attr in template {
-        if let Attribute::Value(v) = attr {
-            v.zeroize();
+    match raw_calls(module, session, "read a KEK's CKA_UNWRAP_TEMPLATE") {
+        Ok(raw) => {
+            let template = raw
+                .template(session, handle, sys::CKA_UNWRAP_TEMPLATE)
+                .map_err(pkcs11::Error::pkcs11("read the KEK's CKA_UNWRAP_TEMPLATE"))?;
+            kek.unwrap_template = UnwrapTemplate::of(template.as_deref());
+            kek.allowed_mechanisms = raw
+                .attribute_bytes(session, handle, sys::CKA_ALLOWED_MECHANISMS)
+                .map_err(pkcs11::Error::pkcs11(
+                    "read the KEK's CKA_ALLOWED_MECHANISMS",
+                ))?
+                .and_then(|bytes| ulongs_from_bytes(&bytes))
+                .filter(|list| !list.is_empty());
         }
+        Err(pkcs11::Error::SeparateInstance { .. }) => {}
+        Err(e) => return Err(e.into()),
     }
+    Ok(kek)
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@ use std::path::PathBuf;
 
 pub use ceremony::{import_kek_from_shares, kek_ceremony, Ceremony, ShareFile};
 pub use format::{Backup, FORMAT_VERSION};
-pub use kek::{create_kek, find_kek, CheckValue, KekObject};
+pub use kek::{create_kek, find_kek, CheckValue, KekObject, UnwrapTemplate};
 pub use restore::{restore_backup, verify_backup, RestoreReport};
-pub use wrap::create_backup;
+pub use wrap::{create_backup, KeyWrap};
 
 /// Errors of key backup, restore and the KEK ceremony.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +91,7 @@ pub enum Error {
         token: String,
     },
     /// The token cannot do RFC 5649 key wrap in a way this crate can ask for.
-    #[error("token {token} cannot {op} with CKM_AES_KEY_WRAP_PAD (RFC 5649): {reason}")]
+    #[error("token {token} cannot {op} with RFC 5649 AES key wrap with padding: {reason}")]
     MechanismMissing {
         /// The token, as described.
         token: String,

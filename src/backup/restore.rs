@@ -4,14 +4,10 @@
 //! message, and the signature must verify in software under the public key in the backup. On
 //! any mismatch the restored objects are destroyed and the restore fails.
 //!
-//! LIMITATION: the KEK carries no `CKA_UNWRAP_TEMPLATE`, because cryptoki 0.12.1 has no
-//! attribute for it (its value is an array of attributes, which cryptoki cannot pass without
-//! unsafe code). What a restored key may do is enforced by the template given here and the
-//! read-back check instead; a holder of the user PIN could still unwrap a backup with a template
-//! of their own that makes the key readable. Closing that needs a cryptoki with nested
-//! attribute arrays and a token that enforces them (SoftHSM 2.6.1 does not check them).
+//! The token enforces the KEK's `CKA_UNWRAP_TEMPLATE` on top of the template given here: a
+//! restored key is sensitive and non-extractable whoever unwraps it.
 
-use cryptoki::mechanism::Mechanism;
+use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use der::Encode;
@@ -19,11 +15,11 @@ use rustls::SignatureScheme;
 use spki::DecodePublicKey;
 
 use super::format::Backup;
-use super::kek::{find_kek, CheckValue};
-use super::wrap::{check_mechanism, Op};
+use super::kek::{find_kek, CheckValue, KekObject, UnwrapTemplate};
+use super::wrap::{KeyWrap, Op};
 use super::Error;
 use crate::pkcs11::{
-    self, read_key, BackupPolicy, KeyKind, KeyObject, MechanismList, Module, Token,
+    self, read_key, rv_of, BackupPolicy, KeyKind, KeyObject, MechanismList, Module, Token,
 };
 use crate::scheme::{scheme_name, sign_message, verify_signature, SchemePlan};
 
@@ -142,8 +138,13 @@ fn unwrap_checked(
     kek_label: &str,
     target: &Target,
 ) -> Result<(RestoreReport, Restored), Error> {
-    let kek = find_kek(session, token, kek_label, true)?;
+    let kek = find_kek(module, session, token, kek_label, true)?;
     kek.check_for_unwrap(token)?;
+    if target.policy == BackupPolicy::WrapWithTrusted
+        && kek.unwrap_template == UnwrapTemplate::Locks
+    {
+        return Err(locked_restore(&kek, token));
+    }
     if let (Some(expected), Some(found)) = (backup.kek_check_value, kek.check_value) {
         if expected != found {
             return Err(Error::WrongKek {
@@ -154,18 +155,27 @@ fn unwrap_checked(
             });
         }
     }
-    check_mechanism(module, token, Op::Unwrap)?;
-
-    let private = session
-        .unwrap_key(
-            &Mechanism::AesKeyWrapPad,
+    let mechanism = KeyWrap::choose(module, session, token, Op::Unwrap, Some(backup.mechanism))?;
+    let private = mechanism
+        .unwrap(
+            module,
+            session,
             kek.handle,
             &backup.wrapped,
             &private_template(backup.kind, target),
-        )
-        .map_err(|source| Error::Unwrap {
-            label: kek.label.clone(),
-            source,
+        )?
+        .map_err(|source| {
+            if rv_of(&source) == Some(RvError::TemplateInconsistent)
+                && target.policy == BackupPolicy::WrapWithTrusted
+            {
+                // A KEK whose template could not be read beforehand.
+                locked_restore(&kek, token)
+            } else {
+                Error::Unwrap {
+                    label: kek.label.clone(),
+                    source,
+                }
+            }
         })?;
     let mut restored = Restored {
         private,
@@ -192,6 +202,19 @@ fn unwrap_checked(
             let _ = restored.destroy(session);
             Err(e)
         }
+    }
+}
+
+/// The refusal of `--backup-policy wrap-with-trusted` under a KEK that locks restored keys.
+fn locked_restore(kek: &KekObject, token: &Token) -> Error {
+    Error::KekUnfit {
+        label: kek.label.clone(),
+        token: token.describe(),
+        reason: "its CKA_UNWRAP_TEMPLATE forces every key it unwraps to be sensitive and \
+                 non-extractable, so a restored key cannot keep backup policy \
+                 wrap-with-trusted; restore without --backup-policy, and keep the backup file \
+                 (it stays valid) as this key's backup"
+            .into(),
     }
 }
 

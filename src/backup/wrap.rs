@@ -3,16 +3,163 @@
 //! The key's backup policy and the KEK's attributes are read and checked before any wrap call,
 //! so a refusal names the attribute instead of relaying a token's vague return code (SoftHSM
 //! answers `CKR_KEY_UNEXTRACTABLE` or `CKR_KEY_NOT_WRAPPABLE`). Private keys are never wrapped
-//! with a CBC mechanism: only `CKM_AES_KEY_WRAP_PAD`, whose integrity check authenticates the
-//! wrapped bytes.
+//! with a CBC mechanism: only RFC 5649, whose integrity check authenticates the wrapped bytes,
+//! under whichever of its two PKCS#11 names the token offers ([`KeyWrap`]).
 
+use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::format::{now_rfc3339, Backup};
 use super::kek::find_kek;
 use super::Error;
+use crate::pkcs11::ext::{raw_calls, sys, Attr};
 use crate::pkcs11::{self, find_key_on, BackupPolicy, KeyObject, KeySelector, Module, Token};
+
+/// RFC 5649 AES key wrap with padding, under one of the two names PKCS#11 gives it.
+///
+/// PKCS#11 2.40 calls it `CKM_AES_KEY_WRAP_PAD` (SoftHSM); 3.1 adds `CKM_AES_KEY_WRAP_KWP`
+/// (kryoptic offers only this one). Both produce RFC 5649 ciphertext.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum KeyWrap {
+    /// `CKM_AES_KEY_WRAP_PAD` (0x210A).
+    Pad,
+    /// `CKM_AES_KEY_WRAP_KWP` (0x210B), which cryptoki 0.12 cannot name.
+    Kwp,
+}
+
+impl KeyWrap {
+    /// Both names, in order of preference (cryptoki can call the first itself).
+    pub const ALL: [Self; 2] = [Self::Pad, Self::Kwp];
+
+    /// The mechanism's name, as backup files record it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pad => "CKM_AES_KEY_WRAP_PAD",
+            Self::Kwp => "CKM_AES_KEY_WRAP_KWP",
+        }
+    }
+
+    /// The mechanism named `name`, if it is one of the two.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+
+    /// The mechanism's number.
+    pub fn mechanism_type(self) -> sys::CK_MECHANISM_TYPE {
+        match self {
+            Self::Pad => sys::CKM_AES_KEY_WRAP_PAD,
+            Self::Kwp => sys::CKM_AES_KEY_WRAP_KWP,
+        }
+    }
+
+    /// The forms the token offers for `op`, in order of preference.
+    ///
+    /// `CKM_AES_KEY_WRAP_KWP` is asked about through the module's own function list, so a
+    /// module that gives each caller its own instance (p11-kit's client) reports only the PAD
+    /// form.
+    pub(crate) fn offered(module: &Module, session: &Session, token: &Token, op: Op) -> Vec<Self> {
+        let allowed = |wrap: bool, unwrap: bool| match op {
+            Op::Wrap => wrap,
+            Op::Unwrap => unwrap,
+        };
+        let mut offered = Vec::new();
+        if let Ok(info) = module
+            .context()
+            .get_mechanism_info(token.slot, MechanismType::AES_KEY_WRAP_PAD)
+        {
+            if allowed(info.wrap(), info.unwrap()) {
+                offered.push(Self::Pad);
+            }
+        }
+        if let Ok(raw) = raw_calls(module, session, "ask about CKM_AES_KEY_WRAP_KWP") {
+            if let Ok(info) = raw.mechanism_info(token.slot, sys::CKM_AES_KEY_WRAP_KWP) {
+                if allowed(info.wrap(), info.unwrap()) {
+                    offered.push(Self::Kwp);
+                }
+            }
+        }
+        offered
+    }
+
+    /// The form to use for `op`: `preferred` when the token offers it, else the first it
+    /// offers.
+    pub(crate) fn choose(
+        module: &Module,
+        session: &Session,
+        token: &Token,
+        op: Op,
+        preferred: Option<Self>,
+    ) -> Result<Self, Error> {
+        let offered = Self::offered(module, session, token, op);
+        preferred
+            .filter(|p| offered.contains(p))
+            .or_else(|| offered.first().copied())
+            .ok_or_else(|| Error::MechanismMissing {
+                token: token.describe(),
+                op: match op {
+                    Op::Unwrap => "unwrap",
+                    Op::Wrap => "wrap",
+                },
+                reason: "the token offers neither CKM_AES_KEY_WRAP_PAD nor CKM_AES_KEY_WRAP_KWP \
+                         with that flag; private keys are never wrapped with CBC"
+                    .into(),
+            })
+    }
+
+    /// `C_WrapKey` of `key` under `kek`.
+    pub(crate) fn wrap(
+        self,
+        module: &Module,
+        session: &Session,
+        kek: ObjectHandle,
+        key: ObjectHandle,
+    ) -> Result<Vec<u8>, Error> {
+        let op = match self {
+            Self::Pad => "wrap the key (C_WrapKey, CKM_AES_KEY_WRAP_PAD)",
+            Self::Kwp => "wrap the key (C_WrapKey, CKM_AES_KEY_WRAP_KWP)",
+        };
+        let wrapped =
+            match self {
+                Self::Pad => session.wrap_key(&Mechanism::AesKeyWrapPad, kek, key),
+                Self::Kwp => raw_calls(module, session, "wrap with CKM_AES_KEY_WRAP_KWP")?
+                    .wrap_key(session, self.mechanism_type(), kek, key),
+            };
+        Ok(wrapped.map_err(pkcs11::Error::pkcs11(op))?)
+    }
+
+    /// `C_UnwrapKey` of `wrapped` under `kek` into an object made from `template`.
+    ///
+    /// The inner result is the token's answer, for the caller to explain.
+    pub(crate) fn unwrap(
+        self,
+        module: &Module,
+        session: &Session,
+        kek: ObjectHandle,
+        wrapped: &[u8],
+        template: &[Attribute],
+    ) -> Result<Result<ObjectHandle, CkError>, Error> {
+        Ok(match self {
+            Self::Pad => session.unwrap_key(&Mechanism::AesKeyWrapPad, kek, wrapped, template),
+            Self::Kwp => {
+                let template: Vec<Attr> = template
+                    .iter()
+                    .map(Attr::from)
+                    .collect();
+                raw_calls(module, session, "unwrap with CKM_AES_KEY_WRAP_KWP")?.unwrap_key(
+                    session,
+                    self.mechanism_type(),
+                    kek,
+                    wrapped,
+                    &template,
+                )
+            }
+        })
+    }
+}
 
 /// Wraps the key `selector` names under the KEK labelled `kek_label` and returns the backup.
 ///
@@ -28,21 +175,17 @@ pub fn create_backup(
 ) -> Result<Backup, Error> {
     let key = find_key_on(session, selector, token, true)?;
     check_policy(&key)?;
-    let kek = find_kek(session, token, kek_label, true)?;
+    let kek = find_kek(module, session, token, kek_label, true)?;
     kek.check_for_wrap(token)?;
-    check_mechanism(module, token, Op::Wrap)?;
-
-    let wrapped = session
-        .wrap_key(&Mechanism::AesKeyWrapPad, kek.handle, key.private)
-        .map_err(pkcs11::Error::pkcs11(
-            "wrap the key (C_WrapKey, CKM_AES_KEY_WRAP_PAD)",
-        ))?;
+    let mechanism = KeyWrap::choose(module, session, token, Op::Wrap, None)?;
+    let wrapped = mechanism.wrap(module, session, kek.handle, key.private)?;
     Ok(Backup {
         label: key.label,
         id: key.id,
         kind: key.kind,
         policy: BackupPolicy::WrapWithTrusted,
         spki: key.spki,
+        mechanism,
         kek_label: kek.label,
         kek_check_value: kek.check_value,
         wrapped,
@@ -56,42 +199,6 @@ pub fn create_backup(
 pub(crate) enum Op {
     Unwrap,
     Wrap,
-}
-
-/// Refuses when the token lacks `CKM_AES_KEY_WRAP_PAD` for `op`.
-pub(crate) fn check_mechanism(module: &Module, token: &Token, op: Op) -> Result<(), Error> {
-    let missing = |reason: String| Error::MechanismMissing {
-        token: token.describe(),
-        op: match op {
-            Op::Unwrap => "unwrap",
-            Op::Wrap => "wrap",
-        },
-        reason,
-    };
-    // LIMITATION: kryoptic offers RFC 5649 only as CKM_AES_KEY_WRAP_KWP (0x210B), which
-    // cryptoki 0.12.1 cannot name (no Mechanism variant, and vendor mechanisms must be at least
-    // CKM_VENDOR_DEFINED), so such tokens cannot back up or restore keys. Supporting them needs
-    // a cryptoki release with the mechanism, or an isolated unsafe module calling C_WrapKey.
-    let info = module
-        .context()
-        .get_mechanism_info(token.slot, MechanismType::AES_KEY_WRAP_PAD)
-        .map_err(|e| {
-            missing(format!(
-                "the token does not offer it ({}); tokens that implement RFC 5649 only as \
-                 CKM_AES_KEY_WRAP_KWP (kryoptic) cannot be used, because cryptoki 0.12.1 cannot \
-                 name that mechanism",
-                pkcs11::rv_text(&e)
-            ))
-        })?;
-    let allowed = match op {
-        Op::Unwrap => info.unwrap(),
-        Op::Wrap => info.wrap(),
-    };
-    if allowed {
-        Ok(())
-    } else {
-        Err(missing("the token lists it without that flag".into()))
-    }
 }
 
 fn check_policy(key: &KeyObject) -> Result<(), Error> {

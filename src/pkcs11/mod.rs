@@ -4,6 +4,7 @@
 //! directly except to sign on a pooled session.
 
 mod destroy;
+pub mod ext;
 mod keygen;
 mod keys;
 mod login;
@@ -165,6 +166,15 @@ pub enum Error {
         /// The PKCS#11 error, with the failing function.
         #[source]
         source: CkError,
+    },
+    /// The module gives each caller its own instance, so calls cryptoki cannot make cannot be
+    /// made on cryptoki's sessions.
+    #[error("module {} gives each caller its own instance (p11-kit's client module does), so rustls-hsm cannot {what} through it (cryptoki 0.12 has no call for that); do it on a host that loads the token's own module", .module.display())]
+    SeparateInstance {
+        /// The module path.
+        module: PathBuf,
+        /// What needed the call.
+        what: &'static str,
     },
     /// The token's public key attributes could not be turned into a SubjectPublicKeyInfo.
     #[error("public key of `{key}`: {reason}")]

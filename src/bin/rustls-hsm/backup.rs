@@ -80,7 +80,8 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
                 out.display()
             );
             outln!(
-                "wrapped with CKM_AES_KEY_WRAP_PAD under `{}`, check value {}",
+                "wrapped with {} under `{}`, check value {}",
+                backup.mechanism.name(),
                 backup.kek_label,
                 backup
                     .kek_check_value

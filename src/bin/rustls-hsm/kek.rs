@@ -119,7 +119,8 @@ impl KekArgs {
 fn print_kek(token: &Token, kek: &KekObject, verb: &str) -> anyhow::Result<()> {
     outln!(
         "{verb} key-encryption key `{}` on token {}: AES-256, trusted, private, sensitive, \
-         non-extractable, wrap/unwrap only",
+         non-extractable, wrap/unwrap only with RFC 5649; keys it unwraps are forced sensitive \
+         and non-extractable (CKA_UNWRAP_TEMPLATE)",
         kek.label,
         token.describe()
     );
