@@ -313,9 +313,11 @@ impl Module {
         if !bytes.is_multiple_of(size) {
             return Err(Error::InvalidValue);
         }
+        // Types set to CK_UNAVAILABLE_INFORMATION ask the module to name them (kryoptic
+        // insists on it; 0 would read as CKA_CLASS repeated).
         let mut inner = vec![
             CK_ATTRIBUTE {
-                type_: 0,
+                type_: CK_UNAVAILABLE_INFORMATION,
                 pValue: ptr::null_mut(),
                 ulValueLen: 0,
             };

@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 
 use super::wrap::{KeyWrap, Op};
 use super::Error;
-use crate::pkcs11::ext::{raw_calls, sys, ulongs_from_bytes, Attr};
+use crate::pkcs11::ext::{raw_calls, sys, ulongs_from_bytes, Attr, Functions};
 use crate::pkcs11::{self, login_user, rv_of, Module, PinState, Token};
 
 /// The KEK length in bytes: AES-256.
@@ -281,7 +281,7 @@ pub fn create_kek(
 
     let so = login_so(module, token, so_pin)?;
     let mechanisms = kek_mechanisms(module, &so, token)?;
-    let temporary = make_session_kek(module, &so, label, value, &mechanisms)?;
+    let temporary = make_session_kek(module, &so, token, label, value, &mechanisms)?;
     logout(&so)?;
 
     let user = login_user(module, token, user_pin)?;
@@ -397,6 +397,7 @@ fn kek_mechanisms(
 fn make_session_kek(
     module: &Module,
     so: &Session,
+    token: &Token,
     label: &str,
     value: Option<&Zeroizing<[u8; KEK_LEN]>>,
     mechanisms: &[sys::CK_MECHANISM_TYPE],
@@ -438,28 +439,88 @@ fn make_session_kek(
                 .map_err(pkcs11::Error::pkcs11(
                     "generate the KEK (C_GenerateKey, SO session)",
                 ))
+                .map_err(Error::from)
         }
         Some(value) => {
+            let mut create = template.clone();
             // The attribute's bytes are zeroized when the template is dropped.
-            template.push(Attr::bytes(sys::CKA_VALUE, value.to_vec()));
-            match raw.create_object(so, &template) {
-                // kryoptic 1.5.4 accepts CKA_TRUSTED only from C_GenerateKey, and refuses to set
-                // it later too: an imported key can never be trusted there.
+            create.push(Attr::bytes(sys::CKA_VALUE, value.to_vec()));
+            match raw.create_object(so, &create) {
+                // kryoptic 1.5.4 refuses CKA_TRUSTED from C_CreateObject but takes it from
+                // C_UnwrapKey: carry the value in under a one-time transport key.
                 Err(e) if rv_of(&e) == Some(RvError::AttributeTypeInvalid) => {
-                    return Err(Error::Refused(format!(
-                        "the token refuses CKA_TRUSTED on an imported key ({}), so a KEK from \
-                         shares cannot be trusted on it; use `rustls-hsm kek create` for backups \
-                         within this token (kryoptic 1.5.4 behaves so)",
-                        pkcs11::rv_text(&e)
-                    )));
+                    tracing::debug!(
+                        "the token refuses CKA_TRUSTED on C_CreateObject; importing the KEK \
+                         through C_UnwrapKey"
+                    );
+                    import_by_unwrap(module, so, &raw, token, &template, value)
                 }
-                other => other.map_err(pkcs11::Error::pkcs11(
-                    "import the KEK (C_CreateObject, SO session)",
-                )),
+                other => other
+                    .map_err(pkcs11::Error::pkcs11(
+                        "import the KEK (C_CreateObject, SO session)",
+                    ))
+                    .map_err(Error::from),
             }
         }
     };
-    Ok(made?)
+    made
+}
+
+/// Imports `value` with `template` through `C_UnwrapKey` under a one-time transport key: an AES
+/// session object whose random value exists only in this process and which is destroyed at once.
+/// The value is wrapped for it in software with RFC 5649.
+fn import_by_unwrap(
+    module: &Module,
+    so: &Session,
+    raw: &Functions,
+    token: &Token,
+    template: &[Attr],
+    value: &Zeroizing<[u8; KEK_LEN]>,
+) -> Result<ObjectHandle, Error> {
+    let mechanism = KeyWrap::choose(module, so, token, Op::Unwrap, None)?;
+    let mut transport = Zeroizing::new([0u8; KEK_LEN]);
+    getrandom::getrandom(transport.as_mut_slice())
+        .map_err(|e| Error::Refused(format!("the system's random generator: {e}")))?;
+    let mut wrapped = Zeroizing::new([0u8; KEK_LEN + 8]);
+    aes_kw::KekAes256::new(transport.as_ref().into())
+        .wrap_with_padding(value.as_slice(), wrapped.as_mut_slice())
+        .map_err(|e| Error::Refused(format!("wrapping the KEK for transport: {e}")))?;
+    let transport_key = raw
+        .create_object(
+            so,
+            &[
+                Attr::ulong(sys::CKA_CLASS, sys::CKO_SECRET_KEY),
+                Attr::ulong(sys::CKA_KEY_TYPE, sys::CKK_AES),
+                Attr::bool(sys::CKA_TOKEN, false),
+                Attr::bool(sys::CKA_PRIVATE, false),
+                Attr::bool(sys::CKA_SENSITIVE, true),
+                Attr::bool(sys::CKA_EXTRACTABLE, false),
+                Attr::bool(sys::CKA_UNWRAP, true),
+                Attr::bool(sys::CKA_WRAP, false),
+                Attr::bool(sys::CKA_ENCRYPT, false),
+                Attr::bool(sys::CKA_DECRYPT, false),
+                Attr::bytes(sys::CKA_VALUE, transport.to_vec()),
+            ],
+        )
+        .map_err(pkcs11::Error::pkcs11(
+            "create the one-time transport key (C_CreateObject)",
+        ))?;
+    let imported = raw
+        .unwrap_key(
+            so,
+            mechanism.mechanism_type(),
+            transport_key,
+            wrapped.as_slice(),
+            template,
+        )
+        .map_err(pkcs11::Error::pkcs11(
+            "import the KEK (C_UnwrapKey under a transport key, SO session)",
+        ))
+        .map_err(Error::from);
+    if let Err(e) = so.destroy_object(transport_key) {
+        tracing::warn!(error = %e, "the transport key goes with its session instead");
+    }
+    imported
 }
 
 fn check_created(

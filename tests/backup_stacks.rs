@@ -1,0 +1,331 @@
+//! Backups on every token stack: a KEK (made on the token, and imported from a ceremony's
+//! shares), a backup, a verification that leaves nothing, a restore that proves itself, and the
+//! attack a backup must resist, by someone holding the file and the token.
+//!
+//! A stack whose token cannot do RFC 5649 key wrap is skipped with the token's reason; a module
+//! through which a KEK cannot be made safely must refuse to make one.
+//! Each test starts its own stack and runs in its own process (cargo nextest).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use rustls_hsm::backup::{
+    create_backup, create_kek, find_kek, import_kek_from_shares, kek_ceremony, restore_backup,
+    verify_backup, Backup, Error, KeyWrap, UnwrapTemplate,
+};
+use rustls_hsm::pkcs11::ext::{raw_calls, Attr};
+use rustls_hsm::pkcs11::{
+    self, destroy_key, find_key_on, find_token, generate_key_pair, login_user, BackupPolicy, Curve,
+    KeyKind, KeySelector, KeySpec, Module, Token, TokenSelector,
+};
+use secrecy::SecretString;
+
+use common::stack::Stack;
+
+const KEK: &str = "backup-kek";
+
+struct Setup {
+    stack: Stack,
+    module: Module,
+    token: Token,
+    pin: SecretString,
+    so_pin: SecretString,
+}
+
+fn setup(name: &'static str) -> Option<Setup> {
+    let stack = Stack::start(name)?;
+    stack.use_in_this_process();
+    let module = Module::load(&stack.module).unwrap();
+    let token = find_token(&module, &TokenSelector::Label(stack.token.label.clone())).unwrap();
+    let pin = SecretString::from(stack.token.user_pin());
+    let so_pin = SecretString::from(stack.token.so_pin());
+    Some(Setup {
+        stack,
+        module,
+        token,
+        pin,
+        so_pin,
+    })
+}
+
+/// Every object a logged-in user sees.
+fn object_count(session: &Session) -> usize {
+    session.find_objects(&[]).unwrap().len()
+}
+
+fn round_trip_and_attack(name: &'static str) {
+    let Some(s) = setup(name) else { return };
+    let case = s
+        .stack
+        .case("backup: KEK, backup, verify, restore, and the file-and-token attack");
+    let kek = match create_kek(&s.module, &s.token, &s.pin, &s.so_pin, KEK, None) {
+        Ok(kek) => kek,
+        Err(e @ Error::MechanismMissing { .. }) => {
+            // The token's own mechanism list: no RFC 5649 key wrap, so no KEK and no backups.
+            return case.skip(&e.to_string());
+        }
+        Err(Error::Pkcs11(e @ pkcs11::Error::SeparateInstance { .. })) => {
+            // A module that offers RFC 5649 but hides its sessions from the raw calls: no KEK
+            // is made without the unwrap template.
+            let text = e.to_string();
+            assert!(text.contains("its own instance"), "{text}");
+            let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+            let secret_keys = user
+                .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+                .unwrap();
+            assert!(secret_keys.is_empty(), "a refused KEK was left behind");
+            println!("{name}: KEK creation refused: {text}");
+            return case.pass();
+        }
+        Err(e) => panic!("{name}: kek create: {e}"),
+    };
+    assert!(kek.trusted && kek.private && !kek.extractable && !kek.modifiable);
+    assert_eq!(kek.unwrap_template, UnwrapTemplate::Locks);
+
+    let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+    let generate = |label: &str, policy| {
+        generate_key_pair(
+            &user,
+            &s.token.label,
+            label,
+            KeySpec(KeyKind::Ec(Curve::P256)),
+            None,
+            policy,
+        )
+        .unwrap()
+    };
+    generate("plain", BackupPolicy::None);
+    let original = generate("tls", BackupPolicy::WrapWithTrusted);
+    let select = |label: &str| label.parse::<KeySelector>().unwrap();
+
+    // A default-policy key is refused before any wrap call.
+    let err = create_backup(&s.module, &user, &s.token, &select("plain"), KEK).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("CKA_EXTRACTABLE=false"),
+        "{err}"
+    );
+
+    let backup = create_backup(&s.module, &user, &s.token, &select("tls"), KEK).unwrap();
+    println!("{name}: wrapped with {}", backup.mechanism.name());
+    assert_eq!(backup.spki, original.spki);
+    let file = s.stack.path().join("tls.backup");
+    backup.write(&file).unwrap();
+    let backup = Backup::read(&file).unwrap();
+
+    // Verify leaves the token as it was.
+    let before = object_count(&user);
+    let report = verify_backup(&s.module, &user, &s.token, &backup, KEK).unwrap();
+    assert!(report.key.sensitive && !report.key.extractable);
+    assert_eq!(object_count(&user), before);
+
+    // The key is lost.
+    let key = find_key_on(&user, &select("tls"), &s.token, true).unwrap();
+    destroy_key(&user, &key).unwrap();
+    // A flipped byte in the wrapped key fails and leaves nothing.
+    let mut forged = backup.clone();
+    forged.wrapped[9] ^= 1;
+    let err =
+        restore_backup(&s.module, &user, &s.token, &forged, KEK, BackupPolicy::None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("do not authenticate"),
+        "{err}"
+    );
+    assert_eq!(object_count(&user), before - 2);
+
+    // Restored: locked, and signing as the original did.
+    let restored =
+        restore_backup(&s.module, &user, &s.token, &backup, KEK, BackupPolicy::None).unwrap();
+    assert!(restored.key.sensitive && !restored.key.extractable);
+    assert_eq!(restored.key.spki, original.spki);
+    assert_eq!(restored.key.id, original.id);
+    user.logout().unwrap();
+    drop(user);
+
+    attack(&s, &backup);
+    case.pass();
+}
+
+/// Someone holds the backup file and the token. Without the user PIN nothing unwraps; with the
+/// SO PIN or the user PIN, nothing unwraps into a readable key, and the KEK cannot serve as a
+/// block decryption oracle.
+fn attack(s: &Setup, backup: &Backup) {
+    let name = s.stack.name;
+    let session = s
+        .module
+        .context()
+        .open_rw_session(s.token.slot)
+        .unwrap();
+
+    // No login: the KEK is a private object, invisible; no object the session can see
+    // unwraps the backup, by any name of RFC 5649.
+    let seen = session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert!(seen.is_empty(), "{name}: a public session sees {seen:?}");
+    for candidate in session.find_objects(&[]).unwrap() {
+        assert_unwrap_refused(s, &session, backup, candidate, "a public session");
+    }
+
+    // The security officer: kryoptic shows the SO private objects, SoftHSM does not. Either
+    // way nothing readable comes out.
+    session
+        .login(UserType::So, Some(&s.so_pin))
+        .unwrap();
+    for candidate in session.find_objects(&[]).unwrap() {
+        assert_unwrap_refused(s, &session, backup, candidate, "the SO");
+    }
+    session.logout().unwrap();
+    drop(session);
+
+    // The user: the KEK's unwrap template and allowed mechanisms hold.
+    let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+    let kek = find_kek(&s.module, &user, &s.token, KEK, true).unwrap();
+    assert_unwrap_refused(s, &user, backup, kek.handle, "the user");
+    let oracle = user.unwrap_key(
+        &Mechanism::AesCbc([0; 16]),
+        kek.handle,
+        &backup.wrapped[..16],
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ],
+    );
+    assert!(
+        oracle.is_err(),
+        "{name}: a CBC unwrap under the KEK succeeded"
+    );
+}
+
+/// Unwrapping `backup` under `key` into a readable key must fail, with each RFC 5649 form the
+/// token offers.
+fn assert_unwrap_refused(
+    s: &Setup,
+    session: &Session,
+    backup: &Backup,
+    key: cryptoki::object::ObjectHandle,
+    who: &str,
+) {
+    let readable: Vec<Attr> = [
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ]
+    .iter()
+    .map(Attr::from)
+    .collect();
+    let raw = raw_calls(&s.module, session, "test").unwrap();
+    for mechanism in KeyWrap::ALL {
+        let result = raw.unwrap_key(
+            session,
+            mechanism.mechanism_type(),
+            key,
+            &backup.wrapped,
+            &readable,
+        );
+        if let Ok(handle) = result {
+            panic!(
+                "{}: {who} unwrapped a readable key with {} under object {key}: {handle}",
+                s.stack.name,
+                mechanism.name()
+            );
+        }
+    }
+}
+
+/// A ceremony's shares import the same KEK again (here under a second label on the same
+/// token): the check values agree, and a backup made under one KEK restores under the other.
+fn ceremony_import(name: &'static str) {
+    let Some(s) = setup(name) else { return };
+    let case = s
+        .stack
+        .case("backup: 2-of-3 ceremony, import, restore under the imported KEK");
+    let out_dir = s.stack.path().join("shares");
+    let ceremony = match kek_ceremony(&s.module, &s.token, &s.pin, &s.so_pin, KEK, 3, 2, &out_dir) {
+        Ok(c) => c,
+        Err(e @ Error::MechanismMissing { .. }) => return case.skip(&e.to_string()),
+        Err(Error::Pkcs11(e @ pkcs11::Error::SeparateInstance { .. })) => {
+            println!("{name}: ceremony refused: {e}");
+            return case.pass();
+        }
+        Err(e) => panic!("{name}: ceremony: {e}"),
+    };
+    let (imported, check_value) = import_kek_from_shares(
+        &s.module,
+        &s.token,
+        &s.pin,
+        &s.so_pin,
+        "imported-kek",
+        &[ceremony.files[0].clone(), ceremony.files[2].clone()],
+    )
+    .unwrap();
+    assert_eq!(check_value, ceremony.check_value);
+    assert!(imported.trusted && imported.private && !imported.extractable);
+    assert_eq!(imported.unwrap_template, UnwrapTemplate::Locks);
+
+    let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+    generate_key_pair(
+        &user,
+        &s.token.label,
+        "tls",
+        KeySpec(KeyKind::Ec(Curve::P384)),
+        None,
+        BackupPolicy::WrapWithTrusted,
+    )
+    .unwrap();
+    let backup = create_backup(
+        &s.module,
+        &user,
+        &s.token,
+        &"tls".parse::<KeySelector>().unwrap(),
+        KEK,
+    )
+    .unwrap();
+    let report = verify_backup(&s.module, &user, &s.token, &backup, "imported-kek").unwrap();
+    println!(
+        "{name}: a backup under `{KEK}` verified under `imported-kek` ({})",
+        report.scheme_name()
+    );
+    case.pass();
+}
+
+#[test]
+fn softhsm_round_trip_and_attack() {
+    round_trip_and_attack("softhsm");
+}
+
+#[test]
+fn kryoptic_round_trip_and_attack() {
+    round_trip_and_attack("kryoptic");
+}
+
+#[test]
+fn tpm_round_trip_and_attack() {
+    round_trip_and_attack("tpm");
+}
+
+#[test]
+fn p11kit_round_trip_and_attack() {
+    round_trip_and_attack("p11kit");
+}
+
+#[test]
+fn softhsm_ceremony_import() {
+    ceremony_import("softhsm");
+}
+
+#[test]
+fn kryoptic_ceremony_import() {
+    ceremony_import("kryoptic");
+}
