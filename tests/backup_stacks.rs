@@ -329,3 +329,72 @@ fn softhsm_ceremony_import() {
 fn kryoptic_ceremony_import() {
     ceremony_import("kryoptic");
 }
+
+/// A backup made on SoftHSM, which names RFC 5649 `CKM_AES_KEY_WRAP_PAD`, restores on kryoptic,
+/// which offers it only as `CKM_AES_KEY_WRAP_KWP`; the two HSMs share a KEK from one ceremony.
+#[test]
+fn softhsm_backup_restores_on_kryoptic() {
+    let Some(b) = setup("kryoptic") else { return };
+    let case = b
+        .stack
+        .case("backup: a SoftHSM backup (CKM_AES_KEY_WRAP_PAD) restores here");
+    let (hsm, a_token) = common::TestHsm::with_token("hsm-a");
+    hsm.use_in_this_process();
+    let a_module = Module::load(&hsm.module).unwrap();
+    let a = find_token(&a_module, &TokenSelector::Label(a_token.label.clone())).unwrap();
+    let a_pin = SecretString::from(a_token.user_pin());
+    let a_so_pin = SecretString::from(a_token.so_pin());
+
+    let ceremony = kek_ceremony(
+        &a_module,
+        &a,
+        &a_pin,
+        &a_so_pin,
+        KEK,
+        3,
+        2,
+        &hsm.path().join("shares"),
+    )
+    .unwrap();
+    let (_, check_value) = import_kek_from_shares(
+        &b.module,
+        &b.token,
+        &b.pin,
+        &b.so_pin,
+        KEK,
+        &[ceremony.files[1].clone(), ceremony.files[2].clone()],
+    )
+    .unwrap();
+    assert_eq!(check_value, ceremony.check_value);
+
+    let a_user = login_user(&a_module, &a, &a_pin).unwrap();
+    let original = generate_key_pair(
+        &a_user,
+        &a.label,
+        "tls",
+        KeySpec(KeyKind::Ec(Curve::P256)),
+        None,
+        BackupPolicy::WrapWithTrusted,
+    )
+    .unwrap();
+    let backup = create_backup(&a_module, &a_user, &a, &"tls".parse().unwrap(), KEK).unwrap();
+    assert_eq!(backup.mechanism, KeyWrap::Pad);
+
+    let b_user = login_user(&b.module, &b.token, &b.pin).unwrap();
+    let restored = restore_backup(
+        &b.module,
+        &b_user,
+        &b.token,
+        &backup,
+        KEK,
+        BackupPolicy::None,
+    )
+    .unwrap();
+    assert_eq!(restored.key.spki, original.spki);
+    assert!(restored.key.sensitive && !restored.key.extractable);
+    println!(
+        "kryoptic: restored a SoftHSM backup, test signature {} verified",
+        restored.scheme_name()
+    );
+    case.pass();
+}
