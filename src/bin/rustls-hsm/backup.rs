@@ -36,7 +36,8 @@ pub(crate) enum BackupCommand {
         #[command(flatten)]
         login: LoginArgs,
         /// none: the restored key never leaves the token; wrap-with-trusted: it may be backed up
-        /// again (only for keys backed up with that policy).
+        /// again (only for keys backed up with that policy, and only under a KEK whose unwrap
+        /// template allows it: KEKs made by rustls-hsm lock every key they unwrap).
         #[arg(long, value_name = "POLICY", default_value = "none")]
         backup_policy: BackupPolicy,
     },
