@@ -382,6 +382,11 @@ pub(crate) struct Template<'a> {
 }
 
 impl<'a> Template<'a> {
+    #[cfg(test)]
+    pub(crate) fn attrs(&self) -> &[CK_ATTRIBUTE] {
+        &self.attrs
+    }
+
     pub(crate) fn new(template: &'a [Attr]) -> Result<Self> {
         let mut built = Self {
             attrs: Vec::with_capacity(template.len()),

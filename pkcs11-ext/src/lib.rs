@@ -331,3 +331,48 @@ impl Functions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_values_are_not_shown() {
+        let attr = Attr::bytes(sys::CKA_VALUE, vec![0x42; 32]);
+        assert_eq!(format!("{attr:?}"), "0x11=<32 bytes>");
+        let nested = Attr::template(sys::CKA_UNWRAP_TEMPLATE, vec![attr]);
+        assert!(!format!("{nested:?}").contains("42"));
+    }
+
+    #[test]
+    fn ulong_arrays_round_trip() {
+        let list = [sys::CKM_AES_KEY_WRAP_PAD, sys::CKM_AES_KEY_WRAP_KWP];
+        let attr = Attr::ulongs(sys::CKA_ALLOWED_MECHANISMS, &list);
+        let Value::Bytes(bytes) = &attr.value else {
+            panic!("an array is carried as bytes");
+        };
+        assert_eq!(ulongs_from_bytes(bytes), Some(list.to_vec()));
+        assert_eq!(ulongs_from_bytes(&bytes[1..]), None);
+    }
+
+    #[test]
+    fn nested_templates_are_laid_out_as_arrays_of_ck_attribute() {
+        let template = [
+            Attr::bool(sys::CKA_TOKEN, true),
+            Attr::template(
+                sys::CKA_UNWRAP_TEMPLATE,
+                vec![
+                    Attr::bool(sys::CKA_SENSITIVE, true),
+                    Attr::bool(sys::CKA_EXTRACTABLE, false),
+                ],
+            ),
+        ];
+        let raw = ffi::Template::new(&template).unwrap();
+        let (token, nested) = (raw.attrs()[0], raw.attrs()[1]);
+        assert_eq!(token.ulValueLen, 1);
+        assert_eq!(
+            nested.ulValueLen as usize,
+            2 * std::mem::size_of::<sys::CK_ATTRIBUTE>()
+        );
+    }
+}
