@@ -180,6 +180,12 @@ fn attack(s: &Setup, backup: &Backup) {
     for candidate in session.find_objects(&[]).unwrap() {
         assert_unwrap_refused(s, &session, backup, candidate, "the SO");
     }
+    let secret_keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    for candidate in secret_keys {
+        assert_no_decrypting_copy(&session, candidate, &format!("{name}: the SO"));
+    }
     session.logout().unwrap();
     drop(session);
 
@@ -187,6 +193,7 @@ fn attack(s: &Setup, backup: &Backup) {
     let user = login_user(&s.module, &s.token, &s.pin).unwrap();
     let kek = find_kek(&s.module, &user, &s.token, KEK, true).unwrap();
     assert_unwrap_refused(s, &user, backup, kek.handle, "the user");
+    assert_no_decrypting_copy(&user, kek.handle, &format!("{name}: the user"));
     let oracle = user.unwrap_key(
         &Mechanism::AesCbc([0; 16]),
         kek.handle,
@@ -203,6 +210,18 @@ fn attack(s: &Setup, backup: &Backup) {
         oracle.is_err(),
         "{name}: a CBC unwrap under the KEK succeeded"
     );
+}
+
+/// A copy of `object` that may decrypt (and so undo the key wrap) must be refused.
+fn assert_no_decrypting_copy(session: &Session, object: cryptoki::object::ObjectHandle, who: &str) {
+    for change in [
+        vec![Attribute::Token(false), Attribute::Decrypt(true)],
+        vec![Attribute::Token(false), Attribute::Modifiable(true)],
+    ] {
+        if let Ok(copy) = session.copy_object(object, &change) {
+            panic!("{who} copied object {object} with {change:?}: {copy}");
+        }
+    }
 }
 
 /// Unwrapping `backup` under `key` into a readable key must fail, with each RFC 5649 form the

@@ -281,29 +281,62 @@ pub fn create_kek(
 
     let so = login_so(module, token, so_pin)?;
     let mechanisms = kek_mechanisms(module, &so, token)?;
-    let temporary = make_session_kek(module, &so, token, label, value, &mechanisms)?;
+    // Where the SO may make private objects (kryoptic), the KEK is made in place, private and
+    // with CKA_COPYABLE=false; elsewhere (SoftHSM) as a public session object that the user
+    // copies into a private one.
+    let direct = make_kek(
+        module,
+        &so,
+        token,
+        label,
+        value,
+        &mechanisms,
+        Storage::PrivateToken,
+    );
+    let temporary = match direct {
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "the SO cannot make the KEK in place; making a session object to copy");
+            Some(make_kek(
+                module,
+                &so,
+                token,
+                label,
+                value,
+                &mechanisms,
+                Storage::PublicSession,
+            )?)
+        }
+    };
     logout(&so)?;
 
     let user = login_user(module, token, user_pin)?;
-    let copied = user
-        .copy_object(
-            temporary,
-            &[
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Modifiable(false),
-            ],
-        )
-        .map_err(pkcs11::Error::pkcs11(
-            "copy the new KEK into a private token object (C_CopyObject)",
-        ))?;
-    if let Err(e) = user.destroy_object(temporary) {
-        tracing::debug!(error = %e, "the KEK's session object goes with its session instead");
-    }
+    let copied = match temporary {
+        None => find_kek(module, &user, token, label, true)?.handle,
+        Some(temporary) => {
+            let copied = user
+                .copy_object(
+                    temporary,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Modifiable(false),
+                    ],
+                )
+                .map_err(pkcs11::Error::pkcs11(
+                    "copy the new KEK into a private token object (C_CopyObject)",
+                ))?;
+            if let Err(e) = user.destroy_object(temporary) {
+                tracing::debug!(error = %e, "the KEK's session object goes with its session instead");
+            }
+            copied
+        }
+    };
     drop(so);
 
     let checked = read_kek(module, &user, copied).and_then(|kek| {
         check_created(&kek, token, value, &mechanisms)?;
+        refuse_copies_with_new_rights(&user, &kek, token)?;
         Ok(kek)
     });
     if checked.is_err() {
@@ -390,17 +423,27 @@ fn kek_mechanisms(
     Ok(mechanisms)
 }
 
-/// The SO's public session object: trusted, wrap/unwrap only, gone when the session closes.
+/// Where the SO makes the KEK.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Storage {
+    /// In place: a private, non-modifiable, non-copyable token object.
+    PrivateToken,
+    /// A public session object, gone when the session closes, for the user to copy.
+    PublicSession,
+}
+
+/// The SO's KEK: trusted, wrap/unwrap only.
 ///
 /// Its `CKA_UNWRAP_TEMPLATE` and `CKA_ALLOWED_MECHANISMS` are beyond cryptoki, so it is made
 /// through the module's own functions.
-fn make_session_kek(
+fn make_kek(
     module: &Module,
     so: &Session,
     token: &Token,
     label: &str,
     value: Option<&Zeroizing<[u8; KEK_LEN]>>,
     mechanisms: &[sys::CK_MECHANISM_TYPE],
+    storage: Storage,
 ) -> Result<ObjectHandle, Error> {
     let raw = raw_calls(
         module,
@@ -410,8 +453,6 @@ fn make_session_kek(
     let mut template: Vec<Attr> = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
-        Attribute::Token(false),
-        Attribute::Private(false),
         Attribute::Label(label.as_bytes().to_vec()),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
@@ -425,6 +466,15 @@ fn make_session_kek(
         Attribute::Trusted(true),
     ]
     .iter()
+    .chain(match storage {
+        Storage::PrivateToken => &[
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Copyable(false),
+        ][..],
+        Storage::PublicSession => &[Attribute::Token(false), Attribute::Private(false)][..],
+    })
     .map(Attr::from)
     .collect();
     template.push(Attr::template(
@@ -464,6 +514,34 @@ fn make_session_kek(
         }
     };
     made
+}
+
+/// Refuses a KEK that can be copied with new rights: such a copy (say with `CKA_DECRYPT=true`)
+/// would decrypt backups, whatever the original's attributes say. Tried with a session copy,
+/// which is destroyed at once if the token allows it.
+fn refuse_copies_with_new_rights(
+    session: &Session,
+    kek: &KekObject,
+    token: &Token,
+) -> Result<(), Error> {
+    let copy = session.copy_object(
+        kek.handle,
+        &[Attribute::Token(false), Attribute::Decrypt(true)],
+    );
+    match copy {
+        Err(_) => Ok(()),
+        Ok(handle) => {
+            if let Err(e) = session.destroy_object(handle) {
+                tracing::warn!(error = %e, "a KEK's trial copy goes with its session instead");
+            }
+            Err(kek.unfit(
+                token,
+                "the token lets anyone logged in copy it with CKA_DECRYPT=true (it honours \
+                 neither CKA_MODIFIABLE=false nor CKA_COPYABLE=false on C_CopyObject), and such \
+                 a copy would decrypt backups; the KEK was destroyed",
+            ))
+        }
+    }
 }
 
 /// Imports `value` with `template` through `C_UnwrapKey` under a one-time transport key: an AES
