@@ -303,6 +303,20 @@ fn default_policy_key_and_untrusted_kek_are_refused_before_any_wrap_call() {
         "--sensitive",
     ]));
 
+    // SoftHSM cannot wrap EdDSA keys: said so, not as a bare return code.
+    ok(a.cli(&[
+        "key",
+        "generate",
+        "--label",
+        "ed",
+        "--type",
+        "ed25519",
+        "--backup-policy",
+        "wrap-with-trusted",
+    ]));
+    let err = fails(a.backup("ed", KEK, &a.dir().join("ed.backup")));
+    assert!(err.contains("cannot wrap EdDSA keys"), "{err}");
+
     for (key, kek, expected) in [
         (
             "plain",
@@ -413,6 +427,25 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
     }
     // The genuine file still restores.
     ok(b.restore(&file, KEK));
+    // Then the same key under another label and id, or with an empty id, is refused.
+    let before = b.object_count();
+    let mut relabelled = Backup::parse(&text).unwrap();
+    relabelled.label = "copy".into();
+    relabelled.id = vec![0xdd];
+    let mut no_id = relabelled.clone();
+    no_id.id.clear();
+    for (case, forged, expected) in [
+        ("relabelled", relabelled, "the same public key"),
+        ("empty id", no_id, "empty label or id"),
+    ] {
+        let path = write(case, &forged.to_json().unwrap());
+        let err = fails(b.restore(&path, KEK));
+        assert!(
+            err.contains(expected),
+            "{case}: `{expected}` missing from: {err}"
+        );
+        assert_eq!(b.object_count(), before, "{case} left objects on the token");
+    }
 }
 
 #[test]

@@ -179,7 +179,7 @@ pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error>
 /// Checks `format` and `version` before anything else, so that a newer file says so.
 pub(crate) fn check_header(text: &str, format: &str, what: &str) -> Result<(), String> {
     let header: Header = serde_json::from_str(text)
-        .map_err(|e| format!("not a readable {what} file (truncated or damaged JSON: {e})"))?;
+        .map_err(|e| format!("not readable as {what} file: truncated or damaged JSON ({e})"))?;
     if header.format.as_deref() != Some(format) {
         return Err(format!(
             "not {what} file: its `format` is {:?}, expected `{format}`",

@@ -1,11 +1,13 @@
 //! The key-encryption key (KEK): an AES-256 key on the token that wraps private keys for backup.
 //!
 //! A KEK is sensitive, never extractable, wrap/unwrap only, trusted and private. PKCS#11 lets
-//! only the security officer set `CKA_TRUSTED`, and the SO cannot create or see private objects
-//! (SoftHSM answers `CKR_USER_NOT_LOGGED_IN`). So the SO makes the KEK as a public *session*
-//! object, which only this process can see and which vanishes with its session; the user then
-//! copies it (`C_CopyObject`) into a private token object that can no longer be modified, and the
-//! session object is destroyed. Every attribute is read back afterwards.
+//! only the security officer set `CKA_TRUSTED`. Where the SO may create private objects
+//! (kryoptic) the SO makes the KEK in place, non-modifiable and non-copyable. Where it may not
+//! (SoftHSM answers `CKR_USER_NOT_LOGGED_IN`), the SO makes it as a public *session* object,
+//! which only this process can see and which vanishes with its session; the user then copies it
+//! (`C_CopyObject`) into a private token object that can no longer be modified, and the session
+//! object is destroyed. Every attribute is read back afterwards, and a trial copy that would add
+//! `CKA_DECRYPT` must be refused.
 //!
 //! The KEK's `CKA_UNWRAP_TEMPLATE` forces every key it unwraps to be sensitive and
 //! non-extractable, whatever template the caller of `C_UnwrapKey` gives, and its

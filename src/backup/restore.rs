@@ -19,7 +19,8 @@ use super::kek::{find_kek, CheckValue, KekObject, UnwrapTemplate};
 use super::wrap::{KeyWrap, Op};
 use super::Error;
 use crate::pkcs11::{
-    self, read_key, rv_of, BackupPolicy, KeyKind, KeyObject, MechanismList, Module, Token,
+    self, list_keys, read_key, rv_of, BackupPolicy, KeyKind, KeyObject, MechanismList, Module,
+    Token,
 };
 use crate::scheme::{scheme_name, sign_message, verify_signature, SchemePlan};
 
@@ -279,6 +280,30 @@ fn check_restored(
 }
 
 fn refuse_existing(session: &Session, token: &Token, backup: &Backup) -> Result<(), Error> {
+    // Keys are found again by label and id: a restored key needs both.
+    if backup.label.is_empty() || backup.id.is_empty() {
+        return Err(Error::Refused(
+            "the backup gives the key an empty label or id, and rustls-hsm finds keys by both; \
+             nothing was restored"
+                .into(),
+        ));
+    }
+    // The same key under another label or id would be a second copy of it.
+    for key in list_keys(session)?
+        .into_iter()
+        .flatten()
+    {
+        if key.spki == backup.spki {
+            return Err(Error::KeyExists {
+                what: format!(
+                    "the same public key (as `{}`, id {})",
+                    key.label,
+                    hex::encode(&key.id)
+                ),
+                token: token.describe(),
+            });
+        }
+    }
     let mut probes = vec![(
         Attribute::Label(backup.label.as_bytes().to_vec()),
         format!("label `{}`", backup.label),

@@ -6,7 +6,7 @@
 //! with a CBC mechanism: only RFC 5649, whose integrity check authenticates the wrapped bytes,
 //! under whichever of its two PKCS#11 names the token offers ([`KeyWrap`]).
 
-use cryptoki::error::Error as CkError;
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
@@ -178,7 +178,23 @@ pub fn create_backup(
     let kek = find_kek(module, session, token, kek_label, true)?;
     kek.check_for_wrap(token)?;
     let mechanism = KeyWrap::choose(module, session, token, Op::Wrap, None)?;
-    let wrapped = mechanism.wrap(module, session, kek.handle, key.private)?;
+    let wrapped = match mechanism.wrap(module, session, kek.handle, key.private) {
+        Err(Error::Pkcs11(pkcs11::Error::Pkcs11 { source, .. }))
+            if pkcs11::rv_of(&source) == Some(RvError::KeyNotWrappable) =>
+        {
+            return Err(Error::KeyPolicy {
+                key: key.describe(),
+                reason: format!(
+                    "the token refuses to wrap a {} key ({}) although its policy and the KEK \
+                     allow it (SoftHSM 2.6 cannot wrap EdDSA keys); keep such a key's \
+                     certificate ready to re-issue for a new key instead",
+                    key.kind,
+                    pkcs11::rv_text(&source)
+                ),
+            });
+        }
+        other => other?,
+    };
     Ok(Backup {
         label: key.label,
         id: key.id,
