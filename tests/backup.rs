@@ -237,6 +237,11 @@ async fn ceremony_backup_restore_on_a_second_hsm_serves_tls() {
     assert_eq!(keys[0]["sensitive"], true);
     assert_eq!(keys[0]["extractable"], false);
     assert_eq!(keys[0]["id"], hex::encode(&backup.id));
+    let text = ok(b.cli(&["key", "list"]));
+    assert!(
+        text.contains("flags:       sensitive, non-extractable"),
+        "{text}"
+    );
     assert_eq!(
         keys[0]["spki_sha256"],
         rustls_hsm::pkcs11::spki_fingerprint(&a_spki)
@@ -681,4 +686,23 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     widen.args(["--backup-policy", "wrap-with-trusted"]);
     let err = fails(widen);
     assert!(err.contains("cannot get it either"), "{err}");
+}
+
+#[test]
+fn a_wrong_so_pin_is_named_as_such() {
+    let a = Hsm::new("hsm-a");
+    let wrong = a.dir().join("wrong-so.pin");
+    fs::write(&wrong, "not-the-so-pin").unwrap();
+    fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cmd = a.cli(&["kek", "create", "--label", KEK]);
+    cmd.arg("--so-pin")
+        .arg(format!("file:{}", wrong.display()));
+    let err = fails(cmd);
+    assert!(
+        err.contains("wrong SO PIN for token") && err.contains("hsm-a"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-so-pin"), "the PIN leaked: {err}");
+    // Nothing was made, and the right SO PIN still works.
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
 }

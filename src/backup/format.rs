@@ -126,10 +126,11 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
-/// Writes `bytes` to `path` atomically: a 0600 temporary file beside it, fsync, rename, and
-/// fsync of the directory. Refuses when `path` exists.
+/// Writes `bytes` to `path` atomically: a 0600 temporary file beside it, fsync, a hard link to
+/// `path` (which fails if anything, even a dangling symlink, has the name by then), and fsync of
+/// the directory. Refuses when `path` exists.
 pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    if path.exists() {
+    if path.symlink_metadata().is_ok() {
         return Err(Error::Refused(format!(
             "{} already exists; choose another name (files are never overwritten)",
             path.display()
@@ -161,18 +162,21 @@ pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error>
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
-        if path.exists() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the file appeared while it was being written",
-            ));
+        match fs::hard_link(&temporary, path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the file appeared while it was being written; it was left alone",
+                ));
+            }
+            // A file system without hard links: rename, after one more look.
+            Err(_) if path.symlink_metadata().is_err() => fs::rename(&temporary, path)?,
+            other => other?,
         }
-        fs::rename(&temporary, path)?;
         fs::File::open(&dir)?.sync_all()
     })();
-    if written.is_err() {
-        let _ = fs::remove_file(&temporary);
-    }
+    // Gone after a rename; after a link, or a failure, the temporary name goes.
+    let _ = fs::remove_file(&temporary);
     written.map_err(Error::io("write", path))
 }
 
@@ -409,5 +413,37 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         let err = Backup::parse("{\"format\": \"something\", \"version\": 1}").unwrap_err();
         assert!(err.contains("not a key backup file"), "{err}");
+    }
+
+    #[test]
+    fn files_are_private_and_nothing_is_overwritten_not_even_through_a_dangling_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tls.backup");
+        sample().write(&file).unwrap();
+        let mode = fs::metadata(&file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(sample().write(&file).is_err());
+
+        let target = dir.path().join("elsewhere");
+        let link = dir.path().join("link.backup");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = sample().write(&link).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already exists"),
+            "{err}"
+        );
+        assert!(!target.exists(), "the write followed the link");
+        // Only the two names made here remain: no temporary files.
+        assert_eq!(
+            fs::read_dir(dir.path())
+                .unwrap()
+                .count(),
+            2
+        );
     }
 }

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use aes::cipher::{BlockEncrypt, KeyInit};
 use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -372,9 +372,7 @@ fn login_so(module: &Module, token: &Token, so_pin: &SecretString) -> Result<Ses
         .context()
         .open_rw_session(token.slot)
         .map_err(pkcs11::Error::pkcs11("open a read-write session"))?;
-    session
-        .login(UserType::So, Some(so_pin))
-        .map_err(pkcs11::Error::pkcs11("log in as security officer"))?;
+    pkcs11::login_so_on(&session, token, so_pin)?;
     Ok(session)
 }
 

@@ -36,6 +36,25 @@ pub fn login_user(module: &Module, token: &Token, pin: &SecretString) -> Result<
     }
 }
 
+/// Logs the security officer in on `session`; `CKR_PIN_INCORRECT` becomes
+/// [`Error::SoPinIncorrect`], naming the token.
+pub(crate) fn login_so_on(
+    session: &Session,
+    token: &Token,
+    so_pin: &SecretString,
+) -> Result<(), Error> {
+    match session.login(UserType::So, Some(so_pin)) {
+        Ok(()) => Ok(()),
+        Err(source) if rv_of(&source) == Some(RvError::PinIncorrect) => {
+            Err(Error::SoPinIncorrect {
+                token: token.describe(),
+                source,
+            })
+        }
+        Err(e) => Err(Error::pkcs11("log in as security officer")(e)),
+    }
+}
+
 /// Why a login must not be attempted in this PIN state, if it must not.
 fn login_refusal(state: PinState) -> Option<&'static str> {
     match state {

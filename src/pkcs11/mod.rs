@@ -28,6 +28,7 @@ pub use keys::{
     Curve, KeyKind, KeyObject, KeySelector, ObjectClassName,
 };
 pub(crate) use keys::{kind_of_spki, read_key};
+pub(crate) use login::login_so_on;
 pub use login::login_user;
 pub use mechanism::{mechanism_flags, MechanismList};
 pub use module::{Module, MODULE_ENV};
@@ -152,6 +153,15 @@ pub enum Error {
     /// `C_Login` said the user PIN is wrong.
     #[error("wrong user PIN for token {token} ({}); check the PIN source (every wrong PIN counts towards locking it)", rv_text(.source))]
     PinIncorrect {
+        /// The token, as [`Token::describe`] names it.
+        token: String,
+        /// The PKCS#11 error (`CKR_PIN_INCORRECT` from `C_Login`).
+        #[source]
+        source: CkError,
+    },
+    /// `C_Login` said the security officer's PIN is wrong.
+    #[error("wrong SO PIN for token {token} ({}); check the SO PIN source (every wrong PIN counts towards locking it, and only re-initialising the token, which erases it, clears a locked SO PIN)", rv_text(.source))]
+    SoPinIncorrect {
         /// The token, as [`Token::describe`] names it.
         token: String,
         /// The PKCS#11 error (`CKR_PIN_INCORRECT` from `C_Login`).

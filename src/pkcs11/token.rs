@@ -363,7 +363,7 @@ pub fn init_token(
         .map_err(Error::pkcs11("initialise token (C_InitToken)"))?;
     // SoftHSM moves the token to a new slot: find it again by label.
     let token = find_token(module, &TokenSelector::Label(label.to_owned()))?;
-    set_user_pin_as_so(module, token.slot, so_pin, user_pin)?;
+    set_user_pin_as_so(module, &token, so_pin, user_pin)?;
     find_token(module, &TokenSelector::Label(label.to_owned()))
 }
 
@@ -399,23 +399,21 @@ pub fn unlock_user_pin(
     new_user_pin: &SecretString,
 ) -> Result<(), Error> {
     refuse_if_locked(module, token, UserType::So)?;
-    set_user_pin_as_so(module, token.slot, so_pin, new_user_pin)
+    set_user_pin_as_so(module, token, so_pin, new_user_pin)
 }
 
 /// Sets the user PIN in a security-officer session (`C_InitPIN`).
 fn set_user_pin_as_so(
     module: &Module,
-    slot: Slot,
+    token: &Token,
     so_pin: &SecretString,
     user_pin: &SecretString,
 ) -> Result<(), Error> {
     let session = module
         .context()
-        .open_rw_session(slot)
+        .open_rw_session(token.slot)
         .map_err(Error::pkcs11("open session"))?;
-    session
-        .login(UserType::So, Some(so_pin))
-        .map_err(Error::pkcs11("log in as security officer"))?;
+    super::login::login_so_on(&session, token, so_pin)?;
     session
         .init_pin(user_pin)
         .map_err(Error::pkcs11("set the user PIN (C_InitPIN)"))?;

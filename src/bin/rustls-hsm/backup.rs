@@ -63,7 +63,7 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
             kek,
             out,
         } => {
-            if out.exists() {
+            if out.symlink_metadata().is_ok() {
                 anyhow::bail!(
                     "{} already exists; choose another name (backups are never overwritten)",
                     out.display()

@@ -185,6 +185,11 @@ impl KeyEntry {
             (self.always_sensitive, "always sensitive"),
             (self.extractable, "extractable"),
             (self.never_extractable, "never extractable"),
+            // Not extractable now, though it once was or came wrapped (a restored backup).
+            (
+                !self.extractable && !self.never_extractable,
+                "non-extractable",
+            ),
             (self.local, "generated on the token"),
             (self.imported, "imported"),
             (!self.sign, "cannot sign"),
