@@ -1,4 +1,5 @@
 //! Key backup and restore against real SoftHSM tokens: two token stores are two HSMs, A and B.
+//! (`tests/backup_stacks.rs` runs the file-and-token attack on every token stack.)
 //!
 //! A's steps run through the `rustls-hsm` binary; in-process checks use one store per test
 //! process (SoftHSM reads `SOFTHSM2_CONF` once), so each test runs in its own process (nextest).
@@ -13,14 +14,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cryptoki::error::RvError;
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
 use rustls::SignatureScheme;
-use rustls_hsm::backup::{find_kek, Backup, UnwrapTemplate};
-use rustls_hsm::pkcs11::ext::sys;
-use rustls_hsm::pkcs11::{find_token, login_user, Module, TokenSelector};
+use rustls_hsm::backup::Backup;
 use rustls_hsm::resolver::ServerCertResolver;
 use rustls_hsm::scheme::verify_signature;
 
@@ -107,6 +102,17 @@ impl Hsm {
             kek,
             "--out",
             out.to_str().unwrap(),
+        ])
+    }
+
+    fn verify(&self, file: &Path, kek: &str) -> std::process::Command {
+        self.cli(&[
+            "backup",
+            "verify",
+            "--in",
+            file.to_str().unwrap(),
+            "--kek",
+            kek,
         ])
     }
 
@@ -463,14 +469,7 @@ fn backup_verify_leaves_the_token_unchanged() {
 
     let before = a.object_count();
     assert_eq!(before, 3, "the KEK and the key pair");
-    let out = ok(a.cli(&[
-        "backup",
-        "verify",
-        "--in",
-        file.to_str().unwrap(),
-        "--kek",
-        KEK,
-    ]));
+    let out = ok(a.verify(&file, KEK));
     assert!(out.contains("is good"), "{out}");
     assert!(
         out.contains("verified under the backup's public key"),
@@ -494,146 +493,6 @@ fn one_share_short_of_the_threshold_cannot_import_the_kek() {
     );
     assert_eq!(b.object_count(), before, "no KEK may be created");
     ok(import(&b, &[&shares[0], &shares[3], &shares[4]]));
-}
-
-/// The attack a backup must resist: someone holds the file and the token, but not the user PIN.
-///
-/// On SoftHSM the KEK is a private object: invisible, and unusable by handle, in a public
-/// session and to the security officer. Even with the user PIN the KEK cannot be turned into a
-/// decryption key, and the keys it unwraps are forced sensitive and non-extractable.
-#[test]
-fn file_and_token_without_the_user_pin_cannot_unwrap_a_readable_key() {
-    let a = Hsm::new("hsm-a");
-    ok(a.cli_so(&["kek", "create", "--label", KEK]));
-    a.generate("tls", "wrap-with-trusted");
-    let file = a.dir().join("tls.backup");
-    ok(a.backup("tls", KEK, &file));
-    let backup = Backup::read(&file).unwrap();
-
-    a.hsm.use_in_this_process();
-    let module = Module::load(&a.hsm.module).unwrap();
-    let token = find_token(&module, &TokenSelector::Label(a.token.label.clone())).unwrap();
-    let pin = secrecy::SecretString::from(a.token.user_pin());
-    let so_pin = secrecy::SecretString::from(a.token.so_pin());
-
-    // The KEK's handle, as a logged-in user sees it.
-    let user = login_user(&module, &token, &pin).unwrap();
-    let kek = find_kek(&module, &user, &token, KEK, true).unwrap();
-    assert!(kek.private && kek.trusted && !kek.modifiable);
-    user.logout().unwrap();
-    drop(user);
-
-    // A public session finds no secret key, and no handle unwraps the backup.
-    let public = module
-        .context()
-        .open_rw_session(token.slot)
-        .unwrap();
-    let secret_keys = public
-        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
-        .unwrap();
-    assert!(
-        secret_keys.is_empty(),
-        "a public session sees {secret_keys:?}"
-    );
-    assert_no_handle_unwraps(&public, &backup, kek.handle, "a public session");
-
-    // The security officer cannot see or use the private KEK either.
-    public
-        .login(UserType::So, Some(&so_pin))
-        .unwrap();
-    let secret_keys = public
-        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
-        .unwrap();
-    assert!(secret_keys.is_empty(), "the SO sees {secret_keys:?}");
-    assert_no_handle_unwraps(&public, &backup, kek.handle, "the SO");
-    public.logout().unwrap();
-    drop(public);
-
-    // With the user PIN, the KEK cannot be given decryption rights, directly or by a copy.
-    // (SoftHSM gives private objects new handles at each login: find the KEK again.)
-    let user = login_user(&module, &token, &pin).unwrap();
-    let kek = find_kek(&module, &user, &token, KEK, true).unwrap();
-    let refused = |result: Result<(), cryptoki::error::Error>, what: &str| match result {
-        Err(cryptoki::error::Error::Pkcs11(rv, _)) => assert!(
-            matches!(rv, RvError::ActionProhibited | RvError::AttributeReadOnly),
-            "{what}: {rv:?}"
-        ),
-        other => panic!("{what} must be refused, got {other:?}"),
-    };
-    refused(
-        user.update_attributes(kek.handle, &[Attribute::Decrypt(true)]),
-        "setting CKA_DECRYPT on the KEK",
-    );
-    for change in [
-        Attribute::Decrypt(true),
-        Attribute::Extractable(true),
-        Attribute::Sensitive(false),
-    ] {
-        refused(
-            user.copy_object(kek.handle, std::slice::from_ref(&change))
-                .map(|_| ()),
-            &format!("copying the KEK with {change:?}"),
-        );
-    }
-    // Nor can the PIN holder unwrap the backup into a readable key: the KEK's
-    // CKA_UNWRAP_TEMPLATE forces CKA_SENSITIVE=true and CKA_EXTRACTABLE=false.
-    assert_eq!(kek.unwrap_template, UnwrapTemplate::Locks);
-    match user.unwrap_key(
-        &Mechanism::AesKeyWrapPad,
-        kek.handle,
-        &backup.wrapped,
-        &readable_template(),
-    ) {
-        Err(cryptoki::error::Error::Pkcs11(RvError::TemplateInconsistent, _)) => {}
-        other => panic!("a readable unwrap must be refused by the unwrap template: {other:?}"),
-    }
-    // Nor use the KEK as a block decryption oracle (a CBC unwrap of one block into a readable
-    // secret): CKA_ALLOWED_MECHANISMS admits RFC 5649 only.
-    let oracle = user.unwrap_key(
-        &Mechanism::AesCbc([0; 16]),
-        kek.handle,
-        &backup.wrapped[..16],
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Sensitive(false),
-            Attribute::Extractable(true),
-        ],
-    );
-    assert!(oracle.is_err(), "a CBC unwrap under the KEK succeeded");
-    assert_eq!(
-        kek.allowed_mechanisms,
-        Some(vec![sys::CKM_AES_KEY_WRAP_PAD]),
-        "SoftHSM offers RFC 5649 as CKM_AES_KEY_WRAP_PAD only"
-    );
-}
-
-/// A template that would leave the unwrapped private key readable.
-fn readable_template() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(KeyType::EC),
-        Attribute::Token(false),
-        Attribute::Private(false),
-        Attribute::Sensitive(false),
-        Attribute::Extractable(true),
-    ]
-}
-
-fn assert_no_handle_unwraps(session: &Session, backup: &Backup, kek: ObjectHandle, who: &str) {
-    let wrapped = &backup.wrapped;
-    let template = readable_template();
-    let result = session.unwrap_key(&Mechanism::AesKeyWrapPad, kek, wrapped, &template);
-    assert!(result.is_err(), "{who} unwrapped with the KEK's handle");
-    // Nor with any object the session can see.
-    for candidate in session.find_objects(&[]).unwrap() {
-        let result = session.unwrap_key(&Mechanism::AesKeyWrapPad, candidate, wrapped, &template);
-        if let Ok(handle) = result {
-            let value = session.get_attributes(handle, &[AttributeType::Value]);
-            panic!("{who} unwrapped with object {candidate}: {value:?}");
-        }
-    }
 }
 
 #[test]
@@ -664,14 +523,7 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     assert_eq!(list["keys"][0]["extractable"], false, "{list:#}");
     assert_eq!(list["keys"][0]["sensitive"], true, "{list:#}");
     // The file stays the key's backup: it verifies again, and the restored key cannot leave.
-    ok(a.cli(&[
-        "backup",
-        "verify",
-        "--in",
-        file.to_str().unwrap(),
-        "--kek",
-        KEK,
-    ]));
+    ok(a.verify(&file, KEK));
     let err = fails(a.backup("tls", KEK, &a.dir().join("again.backup")));
     assert!(err.contains("CKA_EXTRACTABLE=false"), "{err}");
 

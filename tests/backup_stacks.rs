@@ -194,6 +194,21 @@ fn attack(s: &Setup, backup: &Backup) {
     let kek = find_kek(&s.module, &user, &s.token, KEK, true).unwrap();
     assert_unwrap_refused(s, &user, backup, kek.handle, "the user");
     assert_no_decrypting_copy(&user, kek.handle, &format!("{name}: the user"));
+    assert!(
+        user.update_attributes(kek.handle, &[Attribute::Decrypt(true)])
+            .is_err(),
+        "{name}: the user gave the KEK CKA_DECRYPT"
+    );
+    assert!(kek
+        .allowed_mechanisms
+        .is_some_and(|list| {
+            !list.is_empty()
+                && list.iter().all(|m| {
+                    KeyWrap::ALL
+                        .iter()
+                        .any(|w| w.mechanism_type() == *m)
+                })
+        }));
     let oracle = user.unwrap_key(
         &Mechanism::AesCbc([0; 16]),
         kek.handle,
@@ -217,6 +232,8 @@ fn assert_no_decrypting_copy(session: &Session, object: cryptoki::object::Object
     for change in [
         vec![Attribute::Token(false), Attribute::Decrypt(true)],
         vec![Attribute::Token(false), Attribute::Modifiable(true)],
+        vec![Attribute::Token(false), Attribute::Extractable(true)],
+        vec![Attribute::Token(false), Attribute::Sensitive(false)],
     ] {
         if let Ok(copy) = session.copy_object(object, &change) {
             panic!("{who} copied object {object} with {change:?}: {copy}");

@@ -286,28 +286,12 @@ pub fn create_kek(
     // Where the SO may make private objects (kryoptic), the KEK is made in place, private and
     // with CKA_COPYABLE=false; elsewhere (SoftHSM) as a public session object that the user
     // copies into a private one.
-    let direct = make_kek(
-        module,
-        &so,
-        token,
-        label,
-        value,
-        &mechanisms,
-        Storage::PrivateToken,
-    );
-    let temporary = match direct {
+    let make = |storage| make_kek(module, &so, token, label, value, &mechanisms, storage);
+    let temporary = match make(Storage::PrivateToken) {
         Ok(_) => None,
         Err(e) => {
             tracing::debug!(error = %e, "the SO cannot make the KEK in place; making a session object to copy");
-            Some(make_kek(
-                module,
-                &so,
-                token,
-                label,
-                value,
-                &mechanisms,
-                Storage::PublicSession,
-            )?)
+            Some(make(Storage::PublicSession)?)
         }
     };
     logout(&so)?;
