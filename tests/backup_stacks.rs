@@ -17,7 +17,7 @@ use rustls_hsm::backup::{
     create_backup, create_kek, find_kek, import_kek_from_shares, kek_ceremony, restore_backup,
     verify_backup, Backup, Error, KeyWrap, UnwrapTemplate,
 };
-use rustls_hsm::pkcs11::ext::{raw_calls, Attr};
+use rustls_hsm::pkcs11::ext::{raw_calls, sys, Attr};
 use rustls_hsm::pkcs11::{
     self, destroy_key, find_key_on, find_token, generate_key_pair, login_user, BackupPolicy, Curve,
     KeyKind, KeySelector, KeySpec, Module, Token, TokenSelector,
@@ -148,7 +148,97 @@ fn round_trip_and_attack(name: &'static str) {
     drop(user);
 
     attack(&s, &backup);
+    planted_keks_are_refused(&s);
     case.pass();
+}
+
+/// A trusted KEK the security officer planted as a public or modifiable object could later
+/// decrypt the backups made under it: `backup create` refuses it, naming the attribute.
+fn planted_keks_are_refused(s: &Setup) {
+    let name = s.stack.name;
+    let so = s
+        .module
+        .context()
+        .open_rw_session(s.token.slot)
+        .unwrap();
+    so.login(UserType::So, Some(&s.so_pin))
+        .unwrap();
+    let raw = raw_calls(&s.module, &so, "test").unwrap();
+    let mechanisms: Vec<u64> = KeyWrap::ALL
+        .iter()
+        .map(|m| m.mechanism_type())
+        .collect();
+    let plant = |label: &str, private: bool, modifiable: bool| {
+        let mut template: Vec<Attr> = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(private),
+            Attribute::Modifiable(modifiable),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Trusted(true),
+        ]
+        .iter()
+        .map(Attr::from)
+        .collect();
+        template.push(Attr::ulongs(sys::CKA_ALLOWED_MECHANISMS, &mechanisms));
+        template.push(Attr::template(
+            sys::CKA_UNWRAP_TEMPLATE,
+            vec![
+                Attr::ulong(sys::CKA_CLASS, sys::CKO_PRIVATE_KEY),
+                Attr::bool(sys::CKA_SENSITIVE, true),
+                Attr::bool(sys::CKA_EXTRACTABLE, false),
+                Attr::bool(sys::CKA_DERIVE, false),
+                Attr::bool(sys::CKA_DECRYPT, false),
+                Attr::bool(sys::CKA_UNWRAP, false),
+            ],
+        ));
+        raw.generate_key(&so, sys::CKM_AES_KEY_GEN, &template)
+    };
+    // SoftHSM's SO cannot make private objects; kryoptic's can.
+    let mut planted = vec![("public-kek", "CKA_PRIVATE=false")];
+    plant("public-kek", false, false).unwrap();
+    if plant("modifiable-kek", true, true).is_ok() {
+        planted.push(("modifiable-kek", "CKA_MODIFIABLE=true"));
+    }
+    so.logout().unwrap();
+    drop(so);
+
+    let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+    generate_key_pair(
+        &user,
+        &s.token.label,
+        "planted-test",
+        KeySpec(KeyKind::Ec(Curve::P256)),
+        None,
+        BackupPolicy::WrapWithTrusted,
+    )
+    .unwrap();
+    println!(
+        "{name}: planted {:?}",
+        planted
+            .iter()
+            .map(|(kek, _)| *kek)
+            .collect::<Vec<_>>()
+    );
+    for (kek, expected) in planted {
+        let err = create_backup(
+            &s.module,
+            &user,
+            &s.token,
+            &"planted-test".parse().unwrap(),
+            kek,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{name}: {kek}: {err}");
+    }
 }
 
 /// Someone holds the backup file and the token. Without the user PIN nothing unwraps; with the
@@ -250,29 +340,49 @@ fn assert_unwrap_refused(
     key: cryptoki::object::ObjectHandle,
     who: &str,
 ) {
-    let readable: Vec<Attr> = [
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(KeyType::EC),
-        Attribute::Token(false),
-        Attribute::Private(false),
-        Attribute::Sensitive(false),
-        Attribute::Extractable(true),
-    ]
-    .iter()
-    .map(Attr::from)
-    .collect();
+    let as_attrs = |template: &[Attribute]| {
+        template
+            .iter()
+            .map(Attr::from)
+            .collect::<Vec<_>>()
+    };
+    // A readable private key; and a locked secret whose value a derivation could copy out
+    // (kryoptic's CKM_XOR_BASE_AND_DATA) or an HMAC could test byte by byte.
+    let templates = [
+        as_attrs(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ]),
+        as_attrs(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Derive(true),
+            Attribute::Sign(true),
+        ]),
+    ];
     let raw = raw_calls(&s.module, session, "test").unwrap();
-    for mechanism in KeyWrap::ALL {
+    for (mechanism, template) in KeyWrap::ALL
+        .into_iter()
+        .flat_map(|m| templates.iter().map(move |t| (m, t)))
+    {
         let result = raw.unwrap_key(
             session,
             mechanism.mechanism_type(),
             key,
             &backup.wrapped,
-            &readable,
+            template,
         );
         if let Ok(handle) = result {
             panic!(
-                "{}: {who} unwrapped a readable key with {} under object {key}: {handle}",
+                "{}: {who} unwrapped the backup with {} under object {key} into {template:?}: \
+                 {handle}",
                 s.stack.name,
                 mechanism.name()
             );

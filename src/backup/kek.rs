@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 
 use super::wrap::{KeyWrap, Op};
 use super::Error;
-use crate::pkcs11::ext::{raw_calls, sys, ulongs_from_bytes, Attr, Functions};
+use crate::pkcs11::ext::{raw_calls, sys, ulongs_from_bytes, Attr, Functions, Value};
 use crate::pkcs11::{self, login_user, rv_of, Module, PinState, Token};
 
 /// The KEK length in bytes: AES-256.
@@ -81,13 +81,21 @@ pub enum UnwrapTemplate {
 
 impl UnwrapTemplate {
     fn of(template: Option<&[(sys::CK_ATTRIBUTE_TYPE, Vec<u8>)]>) -> Self {
-        let has = |kind, value: bool| {
-            template
-                .unwrap_or_default()
-                .iter()
-                .any(|(k, v)| *k == kind && v.len() == 1 && (v[0] != 0) == value)
+        let found = template.unwrap_or_default();
+        let holds = |wanted: &Attr| {
+            found.iter().any(|(kind, value)| {
+                *kind == wanted.kind
+                    && match &wanted.value {
+                        Value::Bool(b) => value.len() == 1 && (value[0] != 0) == *b,
+                        Value::Ulong(n) => ulongs_from_bytes(value).as_deref() == Some(&[*n]),
+                        _ => false,
+                    }
+            })
         };
-        if has(sys::CKA_SENSITIVE, true) && has(sys::CKA_EXTRACTABLE, false) {
+        if locked_unwrap_template()
+            .iter()
+            .all(holds)
+        {
             Self::Locks
         } else {
             Self::Weak
@@ -95,11 +103,18 @@ impl UnwrapTemplate {
     }
 }
 
-/// The template every KEK made here carries as `CKA_UNWRAP_TEMPLATE`.
+/// The template every KEK made here carries as `CKA_UNWRAP_TEMPLATE`: whatever it unwraps is a
+/// private key that stays sensitive and in the token, and can neither derive (a derivation could
+/// copy out its value, as kryoptic's `CKM_XOR_BASE_AND_DATA` would from a secret key), decrypt
+/// nor unwrap.
 fn locked_unwrap_template() -> Vec<Attr> {
     vec![
+        Attr::ulong(sys::CKA_CLASS, sys::CKO_PRIVATE_KEY),
         Attr::bool(sys::CKA_SENSITIVE, true),
         Attr::bool(sys::CKA_EXTRACTABLE, false),
+        Attr::bool(sys::CKA_DERIVE, false),
+        Attr::bool(sys::CKA_DECRYPT, false),
+        Attr::bool(sys::CKA_UNWRAP, false),
     ]
 }
 
@@ -137,8 +152,13 @@ pub struct KekObject {
 }
 
 impl KekObject {
-    /// Refuses a KEK that must not wrap a key for backup: untrusted, not AES-256, not wrap-only.
-    pub fn check_for_wrap(&self, token: &Token) -> Result<(), Error> {
+    /// Refuses a KEK that must not wrap a key for backup: untrusted, not AES-256, not wrap-only,
+    /// not private, modifiable, able to serve other mechanisms than RFC 5649, copyable with new
+    /// rights (tried on `session`), or without the unwrap template that locks what it unwraps.
+    ///
+    /// A KEK that someone could change or copy, or that the security officer could have planted
+    /// as a public object, could later decrypt the backups made under it.
+    pub fn check_for_wrap(&self, session: &Session, token: &Token) -> Result<(), Error> {
         if !self.trusted {
             return Err(self.unfit(
                 token,
@@ -151,15 +171,52 @@ impl KekObject {
         if !self.wrap {
             return Err(self.unfit(token, "CKA_WRAP=false: it cannot wrap keys"));
         }
+        const REMAKE: &str = "; make the KEK with `rustls-hsm kek create`, `kek ceremony` or \
+                              `kek import`";
+        if !self.private {
+            return Err(self.unfit(
+                token,
+                &format!("CKA_PRIVATE=false: anyone with the token could use it{REMAKE}"),
+            ));
+        }
+        if self.modifiable {
+            return Err(self.unfit(
+                token,
+                &format!(
+                    "CKA_MODIFIABLE=true: it could be given CKA_DECRYPT and decrypt backups{REMAKE}"
+                ),
+            ));
+        }
+        let rfc5649_only = self
+            .allowed_mechanisms
+            .as_deref()
+            .is_some_and(|list| {
+                !list.is_empty()
+                    && list.iter().all(|m| {
+                        KeyWrap::ALL
+                            .iter()
+                            .any(|w| w.mechanism_type() == *m)
+                    })
+            });
+        if !rfc5649_only && self.unwrap_template != UnwrapTemplate::Unknown {
+            return Err(self.unfit(
+                token,
+                &format!(
+                    "its CKA_ALLOWED_MECHANISMS does not restrict it to RFC 5649, so it could \
+                     unwrap with CBC or ECB as a decryption oracle{REMAKE}"
+                ),
+            ));
+        }
+        refuse_copies_with_new_rights(session, self, token)?;
         match self.unwrap_template {
             UnwrapTemplate::Locks => {}
             UnwrapTemplate::Weak => {
                 return Err(self.unfit(
                     token,
-                    "its CKA_UNWRAP_TEMPLATE does not force CKA_SENSITIVE=true and \
-                     CKA_EXTRACTABLE=false, so a holder of the user PIN could unwrap a backup \
-                     into a readable key; make a KEK with `rustls-hsm kek create`, `kek \
-                     ceremony` or `kek import`",
+                    "its CKA_UNWRAP_TEMPLATE does not lock what it unwraps (a sensitive, \
+                     non-extractable private key that cannot derive, decrypt or unwrap), so a \
+                     holder of the user PIN could unwrap a backup into a readable key; make a \
+                     KEK with `rustls-hsm kek create`, `kek ceremony` or `kek import`",
                 ))
             }
             UnwrapTemplate::Unknown => tracing::warn!(
@@ -522,7 +579,7 @@ fn refuse_copies_with_new_rights(
                 token,
                 "the token lets anyone logged in copy it with CKA_DECRYPT=true (it honours \
                  neither CKA_MODIFIABLE=false nor CKA_COPYABLE=false on C_CopyObject), and such \
-                 a copy would decrypt backups; the KEK was destroyed",
+                 a copy would decrypt backups",
             ))
         }
     }

@@ -176,7 +176,7 @@ pub fn create_backup(
     let key = find_key_on(session, selector, token, true)?;
     check_policy(&key)?;
     let kek = find_kek(module, session, token, kek_label, true)?;
-    kek.check_for_wrap(token)?;
+    kek.check_for_wrap(session, token)?;
     let mechanism = KeyWrap::choose(module, session, token, Op::Wrap, None)?;
     let wrapped = match mechanism.wrap(module, session, kek.handle, key.private) {
         Err(Error::Pkcs11(pkcs11::Error::Pkcs11 { source, .. }))

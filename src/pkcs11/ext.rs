@@ -3,7 +3,7 @@
 //! attributes whose value is a template (`CKA_UNWRAP_TEMPLATE`).
 
 use cryptoki::session::Session;
-pub use rustls_hsm_pkcs11_ext::{sys, ulongs_from_bytes, Attr, Functions, MechanismInfo};
+pub use rustls_hsm_pkcs11_ext::{sys, ulongs_from_bytes, Attr, Functions, MechanismInfo, Value};
 
 use super::{Error, Module};
 
