@@ -68,6 +68,20 @@ fn round_trip_and_attack(name: &'static str) {
             // The token's own mechanism list: no RFC 5649 key wrap, so no KEK and no backups.
             return case.skip(&e.to_string());
         }
+        Err(e @ Error::LeakyToken { .. }) => {
+            // Refused because the token lets a sensitive key's value be copied: show it does.
+            assert_sensitive_values_leak(&s);
+            let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+            let secret_keys = user
+                .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+                .unwrap();
+            assert!(
+                secret_keys.is_empty(),
+                "{name}: objects were left: {secret_keys:?}"
+            );
+            println!("{name}: refused, rightly: {e}");
+            return case.pass();
+        }
         Err(Error::Pkcs11(e @ pkcs11::Error::SeparateInstance { .. })) => {
             // A module that offers RFC 5649 but hides its sessions from the raw calls: no KEK
             // is made without the unwrap template.
@@ -317,6 +331,51 @@ fn attack(s: &Setup, backup: &Backup) {
     );
 }
 
+/// The route by which a token gives away a sensitive key's value: `CKM_CONCATENATE_BASE_AND_KEY`
+/// with a key that is sensitive and may not derive as its second key. The derived key holds the
+/// base's byte and the victim's 16 bytes (`CKA_VALUE_LEN` 17), whether or not it is readable.
+fn assert_sensitive_values_leak(s: &Setup) {
+    let user = login_user(&s.module, &s.token, &s.pin).unwrap();
+    let victim = user
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Value(vec![0x5a; 16]),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Derive(false),
+        ])
+        .unwrap();
+    let base = user
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Value(vec![0]),
+            Attribute::Derive(true),
+        ])
+        .unwrap();
+    let derived = user
+        .derive_key(
+            &Mechanism::ConcatenateBaseAndKey(victim),
+            base,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+            ],
+        )
+        .expect("the token refused the derivation it was refused for");
+    let len = user
+        .get_attributes(derived, &[cryptoki::object::AttributeType::ValueLen])
+        .unwrap();
+    assert!(
+        matches!(len.as_slice(), [Attribute::ValueLen(n)] if u64::from(*n) == 17),
+        "{len:?}"
+    );
+}
+
 /// A copy of `object` that may decrypt (and so undo the key wrap) must be refused.
 fn assert_no_decrypting_copy(session: &Session, object: cryptoki::object::ObjectHandle, who: &str) {
     for change in [
@@ -346,7 +405,7 @@ fn assert_unwrap_refused(
             .map(Attr::from)
             .collect::<Vec<_>>()
     };
-    // A readable private key; and a locked secret whose value a derivation could copy out
+    // A readable private key; a public one; and a locked secret whose value a derivation could copy out
     // (kryoptic's CKM_XOR_BASE_AND_DATA) or an HMAC could test byte by byte.
     let templates = [
         as_attrs(&[
@@ -356,6 +415,20 @@ fn assert_unwrap_refused(
             Attribute::Private(false),
             Attribute::Sensitive(false),
             Attribute::Extractable(true),
+        ]),
+        // Locked, but public: anyone could sign with it without a PIN.
+        as_attrs(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Derive(false),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::SignRecover(false),
         ]),
         as_attrs(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -401,6 +474,19 @@ fn ceremony_import(name: &'static str) {
     let ceremony = match kek_ceremony(&s.module, &s.token, &s.pin, &s.so_pin, KEK, 3, 2, &out_dir) {
         Ok(c) => c,
         Err(e @ Error::MechanismMissing { .. }) => return case.skip(&e.to_string()),
+        Err(e @ Error::LeakyToken { .. }) => {
+            assert_sensitive_values_leak(&s);
+            assert!(
+                !out_dir.exists()
+                    || std::fs::read_dir(&out_dir)
+                        .unwrap()
+                        .next()
+                        .is_none(),
+                "{name}: shares were written for a refused ceremony"
+            );
+            println!("{name}: ceremony refused, rightly: {e}");
+            return case.pass();
+        }
         Err(Error::Pkcs11(e @ pkcs11::Error::SeparateInstance { .. })) => {
             println!("{name}: ceremony refused: {e}");
             return case.pass();
@@ -502,15 +588,24 @@ fn softhsm_backup_restores_on_kryoptic() {
         &hsm.path().join("shares"),
     )
     .unwrap();
-    let (_, check_value) = import_kek_from_shares(
+    let imported = import_kek_from_shares(
         &b.module,
         &b.token,
         &b.pin,
         &b.so_pin,
         KEK,
         &[ceremony.files[1].clone(), ceremony.files[2].clone()],
-    )
-    .unwrap();
+    );
+    let check_value = match imported {
+        Ok((_, check_value)) => check_value,
+        Err(e @ Error::LeakyToken { .. }) => {
+            // This token would give the KEK away, and with it every SoftHSM backup.
+            assert_sensitive_values_leak(&b);
+            println!("kryoptic: import refused, rightly: {e}");
+            return case.pass();
+        }
+        Err(e) => panic!("kek import: {e}"),
+    };
     assert_eq!(check_value, ceremony.check_value);
 
     let a_user = login_user(&a_module, &a, &a_pin).unwrap();

@@ -25,6 +25,7 @@ use cryptoki::session::Session;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
+use super::probe::refuse_leaky_token;
 use super::wrap::{KeyWrap, Op};
 use super::Error;
 use crate::pkcs11::ext::{raw_calls, sys, ulongs_from_bytes, Attr, Functions, Value};
@@ -104,17 +105,21 @@ impl UnwrapTemplate {
 }
 
 /// The template every KEK made here carries as `CKA_UNWRAP_TEMPLATE`: whatever it unwraps is a
-/// private key that stays sensitive and in the token, and can neither derive (a derivation could
-/// copy out its value, as kryoptic's `CKM_XOR_BASE_AND_DATA` would from a secret key), decrypt
-/// nor unwrap.
+/// private key, a private object that needs a login, stays sensitive and in the token, and is
+/// made unable to derive (a derivation could copy out a secret key's value, as kryoptic's
+/// `CKM_XOR_BASE_AND_DATA` would), decrypt, unwrap or sign with recovery. (SoftHSM refuses
+/// `CKA_MODIFIABLE=false` and `CKA_COPYABLE=false` in an unwrap, so a PIN holder can later
+/// switch those usages on; sensitivity and extractability only ever tighten.)
 fn locked_unwrap_template() -> Vec<Attr> {
     vec![
         Attr::ulong(sys::CKA_CLASS, sys::CKO_PRIVATE_KEY),
+        Attr::bool(sys::CKA_PRIVATE, true),
         Attr::bool(sys::CKA_SENSITIVE, true),
         Attr::bool(sys::CKA_EXTRACTABLE, false),
         Attr::bool(sys::CKA_DERIVE, false),
         Attr::bool(sys::CKA_DECRYPT, false),
         Attr::bool(sys::CKA_UNWRAP, false),
+        Attr::bool(sys::CKA_SIGN_RECOVER, false),
     ]
 }
 
@@ -335,6 +340,7 @@ pub fn create_kek(
     }
     let user = login_user(module, token, user_pin)?;
     refuse_existing(&user, token, label)?;
+    refuse_leaky_token(module, &user, token)?;
     logout(&user)?;
     drop(user);
 

@@ -12,6 +12,7 @@
 pub mod ceremony;
 pub mod format;
 pub mod kek;
+mod probe;
 pub mod restore;
 pub mod wrap;
 
@@ -109,6 +110,14 @@ pub enum Error {
         needed: u8,
         /// Distinct shares given.
         given: usize,
+    },
+    /// The token lets a sensitive key's value be copied out, so it cannot keep a KEK secret.
+    #[error("token {token} cannot keep a key-encryption key secret: {reason}; rustls-hsm keeps no KEK, makes no backup and restores none on it")]
+    LeakyToken {
+        /// The token, as described.
+        token: String,
+        /// What the token allowed.
+        reason: String,
     },
     /// A PKCS#11 layer error: token, login, key lookup, or a failing call.
     #[error(transparent)]

@@ -16,6 +16,7 @@ use spki::DecodePublicKey;
 
 use super::format::Backup;
 use super::kek::{find_kek, CheckValue, KekObject, UnwrapTemplate};
+use super::probe::refuse_leaky_token;
 use super::wrap::{KeyWrap, Op};
 use super::Error;
 use crate::pkcs11::{
@@ -139,6 +140,7 @@ fn unwrap_checked(
     kek_label: &str,
     target: &Target,
 ) -> Result<(RestoreReport, Restored), Error> {
+    refuse_leaky_token(module, session, token)?;
     let kek = find_kek(module, session, token, kek_label, true)?;
     kek.check_for_unwrap(token)?;
     if target.policy == BackupPolicy::WrapWithTrusted
@@ -349,6 +351,9 @@ fn private_template(kind: KeyKind, target: &Target) -> Vec<Attribute> {
         target.policy,
         target.on_token,
     ));
+    // What a KEK's unwrap template pins beyond the key's own template (SoftHSM wants every
+    // pinned attribute stated).
+    template.push(Attribute::SignRecover(false));
     template
 }
 

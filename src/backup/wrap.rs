@@ -13,6 +13,7 @@ use cryptoki::session::Session;
 
 use super::format::{now_rfc3339, Backup};
 use super::kek::find_kek;
+use super::probe::refuse_leaky_token;
 use super::Error;
 use crate::pkcs11::ext::{raw_calls, sys, Attr};
 use crate::pkcs11::{self, find_key_on, BackupPolicy, KeyObject, KeySelector, Module, Token};
@@ -175,6 +176,7 @@ pub fn create_backup(
 ) -> Result<Backup, Error> {
     let key = find_key_on(session, selector, token, true)?;
     check_policy(&key)?;
+    refuse_leaky_token(module, session, token)?;
     let kek = find_kek(module, session, token, kek_label, true)?;
     kek.check_for_wrap(session, token)?;
     let mechanism = KeyWrap::choose(module, session, token, Op::Wrap, None)?;
