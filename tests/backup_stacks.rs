@@ -14,8 +14,8 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use rustls_hsm::backup::{
-    create_backup, create_kek, find_kek, import_kek_from_shares, kek_ceremony, restore_backup,
-    verify_backup, Backup, Error, KeyWrap, UnwrapTemplate,
+    create_backup, create_kek, find_kek, import_kek_from_shares, kek_ceremony,
+    locked_unwrap_template, restore_backup, verify_backup, Backup, Error, KeyWrap, UnwrapTemplate,
 };
 use rustls_hsm::pkcs11::ext::{raw_calls, sys, Attr};
 use rustls_hsm::pkcs11::{
@@ -203,16 +203,10 @@ fn planted_keks_are_refused(s: &Setup) {
         .map(Attr::from)
         .collect();
         template.push(Attr::ulongs(sys::CKA_ALLOWED_MECHANISMS, &mechanisms));
+        // Everything a KEK made here has, but for the attribute under test.
         template.push(Attr::template(
             sys::CKA_UNWRAP_TEMPLATE,
-            vec![
-                Attr::ulong(sys::CKA_CLASS, sys::CKO_PRIVATE_KEY),
-                Attr::bool(sys::CKA_SENSITIVE, true),
-                Attr::bool(sys::CKA_EXTRACTABLE, false),
-                Attr::bool(sys::CKA_DERIVE, false),
-                Attr::bool(sys::CKA_DECRYPT, false),
-                Attr::bool(sys::CKA_UNWRAP, false),
-            ],
+            locked_unwrap_template(),
         ));
         raw.generate_key(&so, sys::CKM_AES_KEY_GEN, &template)
     };

@@ -110,7 +110,7 @@ impl UnwrapTemplate {
 /// `CKM_XOR_BASE_AND_DATA` would), decrypt, unwrap or sign with recovery. (SoftHSM refuses
 /// `CKA_MODIFIABLE=false` and `CKA_COPYABLE=false` in an unwrap, so a PIN holder can later
 /// switch those usages on; sensitivity and extractability only ever tighten.)
-fn locked_unwrap_template() -> Vec<Attr> {
+pub fn locked_unwrap_template() -> Vec<Attr> {
     vec![
         Attr::ulong(sys::CKA_CLASS, sys::CKO_PRIVATE_KEY),
         Attr::bool(sys::CKA_PRIVATE, true),

@@ -20,7 +20,9 @@ use std::path::PathBuf;
 
 pub use ceremony::{import_kek_from_shares, kek_ceremony, Ceremony, ShareFile};
 pub use format::{Backup, FORMAT_VERSION};
-pub use kek::{create_kek, find_kek, CheckValue, KekObject, UnwrapTemplate};
+pub use kek::{
+    create_kek, find_kek, locked_unwrap_template, CheckValue, KekObject, UnwrapTemplate,
+};
 pub use restore::{restore_backup, verify_backup, RestoreReport};
 pub use wrap::{create_backup, KeyWrap};
 
