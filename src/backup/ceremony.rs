@@ -157,13 +157,25 @@ pub fn kek_ceremony(
              <= shares <= 255"
         )));
     }
+    let made_dir = !out_dir.exists();
     let files = share_paths(out_dir, label, shares)?;
 
-    let value = random_kek(module, token)?;
-    let check_value = CheckValue::of_aes256(&value);
-    let parts = split(&value, threshold, shares)?;
-    let kek = create_kek(module, token, user_pin, so_pin, label, Some(&value))?;
-    drop(value);
+    let made = random_kek(module, token).and_then(|value| {
+        let check_value = CheckValue::of_aes256(&value);
+        let parts = split(&value, threshold, shares)?;
+        let kek = create_kek(module, token, user_pin, so_pin, label, Some(&value))?;
+        Ok((kek, check_value, parts))
+    });
+    let (kek, check_value, parts) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            if made_dir {
+                // Only the empty directory made above; never anything that was there before.
+                let _ = fs::remove_dir(out_dir);
+            }
+            return Err(e);
+        }
+    };
 
     let created = now_rfc3339();
     let written = write_shares(&files, &parts, label, check_value, threshold, &created);

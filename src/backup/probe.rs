@@ -18,7 +18,8 @@ use crate::pkcs11::{Module, Token};
 ///
 /// Tried with session objects made for the purpose (a generated AES key as the victim, a
 /// one-byte secret as the base), which are destroyed whatever happens. A token that does not
-/// offer `CKM_CONCATENATE_BASE_AND_KEY` passes.
+/// offer `CKM_CONCATENATE_BASE_AND_KEY` passes; one that offers it but on which the throwaway
+/// keys cannot be made is refused, saying so.
 pub(crate) fn refuse_leaky_token(
     module: &Module,
     session: &Session,
@@ -32,27 +33,42 @@ pub(crate) fn refuse_leaky_token(
         return Ok(());
     }
     let mut made: Vec<ObjectHandle> = Vec::new();
-    let leaks = try_concatenation(session, &mut made);
+    let outcome = try_concatenation(session, &mut made);
     for handle in made {
         if let Err(e) = session.destroy_object(handle) {
             tracing::debug!(error = %e, "a probe object goes with its session instead");
         }
     }
-    if leaks {
-        Err(Error::LeakyToken {
-            token: token.describe(),
-            reason: "C_DeriveKey with CKM_CONCATENATE_BASE_AND_KEY accepts a sensitive key that \
-                     may not derive as its second key, so any holder of the user or SO PIN can \
-                     copy a key's value out (kryoptic 1.5.4 does this)"
-                .into(),
-        })
-    } else {
-        Ok(())
-    }
+    let reason = match outcome {
+        Outcome::Kept => return Ok(()),
+        Outcome::Leaked => "C_DeriveKey with CKM_CONCATENATE_BASE_AND_KEY accepts a sensitive key \
+                            that may not derive as its second key, so any holder of the user or \
+                            SO PIN can copy a key's value out (kryoptic 1.5.4 does this)"
+            .to_owned(),
+        Outcome::Untried(e) => format!(
+            "it offers CKM_CONCATENATE_BASE_AND_KEY, which can copy a key's value out, but the \
+             check of whether it does could not make its throwaway keys ({})",
+            crate::pkcs11::rv_text(&e)
+        ),
+    };
+    Err(Error::LeakyToken {
+        token: token.describe(),
+        reason,
+    })
 }
 
-/// True when the token derived a key from a sensitive, non-derivable victim's value.
-fn try_concatenation(session: &Session, made: &mut Vec<ObjectHandle>) -> bool {
+/// What the token did with the probe.
+enum Outcome {
+    /// It refused to derive from the sensitive key.
+    Kept,
+    /// It derived a key from the sensitive key's value.
+    Leaked,
+    /// The probe's keys could not be made.
+    Untried(cryptoki::error::Error),
+}
+
+/// Tries the route with a sensitive, non-derivable victim; every object made goes into `made`.
+fn try_concatenation(session: &Session, made: &mut Vec<ObjectHandle>) -> Outcome {
     let victim = session.generate_key(
         &Mechanism::AesKeyGen,
         &[
@@ -65,6 +81,11 @@ fn try_concatenation(session: &Session, made: &mut Vec<ObjectHandle>) -> bool {
             Attribute::Derive(false),
         ],
     );
+    let victim = match victim {
+        Ok(victim) => victim,
+        Err(e) => return Outcome::Untried(e),
+    };
+    made.push(victim);
     let base = session.create_object(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
@@ -72,12 +93,11 @@ fn try_concatenation(session: &Session, made: &mut Vec<ObjectHandle>) -> bool {
         Attribute::Value(vec![0]),
         Attribute::Derive(true),
     ]);
-    let (Ok(victim), Ok(base)) = (victim, base) else {
-        // Without both objects the route cannot be tried; a token that cannot make them
-        // cannot make a KEK either.
-        return false;
+    let base = match base {
+        Ok(base) => base,
+        Err(e) => return Outcome::Untried(e),
     };
-    made.extend([victim, base]);
+    made.push(base);
     match session.derive_key(
         &Mechanism::ConcatenateBaseAndKey(victim),
         base,
@@ -89,8 +109,8 @@ fn try_concatenation(session: &Session, made: &mut Vec<ObjectHandle>) -> bool {
     ) {
         Ok(derived) => {
             made.push(derived);
-            true
+            Outcome::Leaked
         }
-        Err(_) => false,
+        Err(_) => Outcome::Kept,
     }
 }

@@ -8,7 +8,7 @@
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::format::{now_rfc3339, Backup};
@@ -179,6 +179,7 @@ pub fn create_backup(
     refuse_leaky_token(module, session, token)?;
     let kek = find_kek(module, session, token, kek_label, true)?;
     kek.check_for_wrap(session, token)?;
+    refuse_public_trusted_keys(session, token)?;
     let mechanism = KeyWrap::choose(module, session, token, Op::Wrap, None)?;
     let wrapped = match mechanism.wrap(module, session, kek.handle, key.private) {
         Err(Error::Pkcs11(pkcs11::Error::Pkcs11 { source, .. }))
@@ -210,6 +211,39 @@ pub fn create_backup(
         source_token: format!("`{}` (serial {})", token.label, token.serial),
         created: now_rfc3339(),
     })
+}
+
+/// Refuses when the token holds a public trusted wrapping key. Only the security officer can
+/// make one, and may know its value: every key with backup policy wrap-with-trusted could be
+/// wrapped under it and read. (A session object the SO keeps in its own process cannot be seen
+/// from here; see docs/backup.md on what the SO PIN can do.)
+fn refuse_public_trusted_keys(session: &Session, token: &Token) -> Result<(), Error> {
+    let trusted = session
+        .find_objects(&[
+            Attribute::Trusted(true),
+            Attribute::Wrap(true),
+            Attribute::Private(false),
+        ])
+        .map_err(pkcs11::Error::pkcs11("look for trusted wrapping keys"))?;
+    let Some(&first) = trusted.first() else {
+        return Ok(());
+    };
+    let label = session
+        .get_attributes(first, &[AttributeType::Label])
+        .ok()
+        .and_then(|attrs| match attrs.as_slice() {
+            [Attribute::Label(l)] => Some(String::from_utf8_lossy(l).into_owned()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Err(Error::Refused(format!(
+        "token {} holds a public trusted wrapping key (`{label}`, and {} more): whoever made it \
+         (only the security officer can) may know its value and export every key with backup \
+         policy wrap-with-trusted under it; the security officer should destroy it before \
+         backups are made",
+        token.describe(),
+        trusted.len() - 1
+    )))
 }
 
 /// Which half of RFC 5649 a token must offer.

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use der::Encode;
 use zeroize::Zeroize;
@@ -169,6 +169,35 @@ pub fn import_private_key(
     })
 }
 
+/// Refuses backup policy wrap-with-trusted on a token that lets the user mark a key trusted:
+/// there the policy would let any holder of the user PIN wrap the key under a trusted key they
+/// can read. Tried with a throwaway session key, destroyed at once.
+fn refuse_user_trust(session: &Session, token_label: &str) -> Result<(), Error> {
+    let trial = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::ValueLen(16.into()),
+            Attribute::Wrap(true),
+            Attribute::Trusted(true),
+        ],
+    );
+    let Ok(trusted) = trial else {
+        return Ok(());
+    };
+    if let Err(e) = session.destroy_object(trusted) {
+        tracing::debug!(error = %e, "the trial key goes with its session instead");
+    }
+    Err(Error::TokenRefused(format!(
+        "token `{token_label}` lets the user mark a key trusted (C_GenerateKey accepted \
+         CKA_TRUSTED=true in a user session), so backup policy wrap-with-trusted would let any \
+         holder of the user PIN wrap the key under a trusted key of their own and read it; use \
+         --backup-policy none on this token (kryoptic 1.5.4 behaves so)"
+    )))
+}
+
 fn generate(
     session: &Session,
     token_label: &str,
@@ -179,6 +208,9 @@ fn generate(
     on_token: bool,
 ) -> Result<KeyObject, Error> {
     let id = new_identity(session, token_label, label, id)?;
+    if policy == BackupPolicy::WrapWithTrusted {
+        refuse_user_trust(session, token_label)?;
+    }
     let (mechanism, public_params) = match spec.0 {
         KeyKind::Ec(curve) => (
             Mechanism::EccKeyPairGen,
