@@ -505,6 +505,49 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     ok(a.backup("tls", KEK, &file));
     ok(a.cli(&["key", "delete", "tls", "--yes"]));
 
+    // What a restore stopped between its two steps leaves: the public key object alone. A
+    // public key of another key under the label is refused; the backup's own is used.
+    let write_public = |label: &str, spki: &[u8]| {
+        let der = a
+            .dir()
+            .join(format!("{label}-public.der"));
+        fs::write(&der, spki).unwrap();
+        tool_ok(a.hsm.pkcs11_tool(&[
+            "--token-label",
+            &a.token.label,
+            "--login",
+            "--pin",
+            &a.token.user_pin(),
+            "--write-object",
+            der.to_str().unwrap(),
+            "--type",
+            "pubkey",
+            "--label",
+            label,
+            "--id",
+            &hex::encode(&Backup::read(&file).unwrap().id),
+        ]));
+    };
+    a.generate("other", "none");
+    let other_spki = a.spki("other");
+    ok(a.cli(&["key", "delete", "other", "--yes"]));
+    write_public("tls", &other_spki);
+    let err = fails(a.restore(&file, KEK));
+    assert!(err.contains("already exists"), "{err}");
+    tool_ok(a.hsm.pkcs11_tool(&[
+        "--token-label",
+        &a.token.label,
+        "--login",
+        "--pin",
+        &a.token.user_pin(),
+        "--delete-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "tls",
+    ]));
+    write_public("tls", &spki);
+
     // The KEK's unwrap template locks restored keys: keeping wrap-with-trusted is refused
     // before anything is unwrapped, and says why.
     let before = a.object_count();
@@ -518,6 +561,11 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     assert_eq!(a.object_count(), before);
 
     ok(a.restore(&file, KEK));
+    assert_eq!(
+        a.object_count(),
+        before + 1,
+        "the leftover public key is used, not doubled"
+    );
     assert_eq!(a.spki("tls"), spki);
     let list = common::cli::json(a.cli(&["key", "list", "--json"]));
     assert_eq!(list["keys"][0]["extractable"], false, "{list:#}");
@@ -525,7 +573,11 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     // The file stays the key's backup: it verifies again, and the restored key cannot leave.
     ok(a.verify(&file, KEK));
     let err = fails(a.backup("tls", KEK, &a.dir().join("again.backup")));
-    assert!(err.contains("CKA_EXTRACTABLE=false"), "{err}");
+    assert!(
+        err.contains("CKA_EXTRACTABLE=false") && err.contains("restored from a backup"),
+        "{err}"
+    );
+    assert_eq!(list["keys"].as_array().unwrap().len(), 1, "{list:#}");
 
     // A key backed up without that policy cannot gain it at restore.
     let mut narrowed = Backup::read(&file).unwrap();

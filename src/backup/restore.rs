@@ -64,12 +64,13 @@ pub fn restore_backup(
                 .into(),
         ));
     }
-    refuse_existing(session, token, backup)?;
+    let leftover_public = refuse_existing(session, token, backup)?;
     let target = Target {
         on_token: true,
         label: backup.label.clone(),
         id: backup.id.clone(),
         policy,
+        leftover_public,
     };
     // The restored objects stay: they are the point.
     let (report, _kept) = unwrap_checked(module, session, token, backup, kek_label, &target)?;
@@ -95,6 +96,7 @@ pub fn verify_backup(
         label: format!("rustls-hsm-backup-verify-{}", hex::encode(&id[..4])),
         id,
         policy: BackupPolicy::None,
+        leftover_public: None,
     };
     let (report, objects) = unwrap_checked(module, session, token, backup, kek_label, &target)?;
     objects.destroy(session)?;
@@ -107,9 +109,12 @@ struct Target {
     label: String,
     id: Vec<u8>,
     policy: BackupPolicy,
+    /// The backup's own public key object, left by an interrupted restore: used, not remade.
+    leftover_public: Option<ObjectHandle>,
 }
 
-/// The objects a restore made; destroyed together when a check fails.
+/// The objects a restore made (a reused public key is not among them); destroyed together when
+/// a check fails.
 struct Restored {
     private: ObjectHandle,
     public: Option<ObjectHandle>,
@@ -159,39 +164,55 @@ fn unwrap_checked(
         }
     }
     let mechanism = KeyWrap::choose(module, session, token, Op::Unwrap, Some(backup.mechanism))?;
-    let private = mechanism
+    // The public half first: a restore stopped between the two steps leaves only a public key,
+    // which a second run recognises and uses, never a private key that nothing can pair.
+    let made_public = match target.leftover_public {
+        Some(_) => None,
+        None => Some(
+            session
+                .create_object(&public_template(backup, target)?)
+                .map_err(pkcs11::Error::pkcs11("create the public key object"))?,
+        ),
+    };
+    let unwrapped = mechanism
         .unwrap(
             module,
             session,
             kek.handle,
             &backup.wrapped,
             &private_template(backup.kind, target),
-        )?
-        .map_err(|source| {
-            if rv_of(&source) == Some(RvError::TemplateInconsistent)
-                && target.policy == BackupPolicy::WrapWithTrusted
-            {
-                // A KEK whose template could not be read beforehand.
-                locked_restore(&kek, token)
-            } else {
-                Error::Unwrap {
-                    label: kek.label.clone(),
-                    source,
+        )
+        .and_then(|result| {
+            result.map_err(|source| {
+                if rv_of(&source) == Some(RvError::TemplateInconsistent)
+                    && target.policy == BackupPolicy::WrapWithTrusted
+                {
+                    // A KEK whose template could not be read beforehand.
+                    locked_restore(&kek, token)
+                } else {
+                    Error::Unwrap {
+                        label: kek.label.clone(),
+                        source,
+                    }
+                }
+            })
+        });
+    let private = match unwrapped {
+        Ok(private) => private,
+        Err(e) => {
+            if let Some(public) = made_public {
+                if let Err(e) = session.destroy_object(public) {
+                    tracing::warn!(%public, error = %e, "could not destroy a restored object");
                 }
             }
-        })?;
-    let mut restored = Restored {
-        private,
-        public: None,
+            return Err(e);
+        }
     };
-    let checked = public_template(backup, target).and_then(|template| {
-        restored.public = Some(
-            session
-                .create_object(&template)
-                .map_err(pkcs11::Error::pkcs11("create the public key object"))?,
-        );
-        check_restored(module, session, token, backup, target, private)
-    });
+    let restored = Restored {
+        private,
+        public: made_public,
+    };
+    let checked = check_restored(module, session, token, backup, target, private);
     match checked {
         Ok((key, scheme)) => Ok((
             RestoreReport {
@@ -281,7 +302,14 @@ fn check_restored(
     Ok((key, scheme))
 }
 
-fn refuse_existing(session: &Session, token: &Token, backup: &Backup) -> Result<(), Error> {
+/// Refuses when a key with the backup's public key, label or id is on the token, except the
+/// backup's own public key object alone, left by an interrupted restore (same label, id and
+/// public key): that one is returned, to be used.
+fn refuse_existing(
+    session: &Session,
+    token: &Token,
+    backup: &Backup,
+) -> Result<Option<ObjectHandle>, Error> {
     // Keys are found again by label and id: a restored key needs both.
     if backup.label.is_empty() || backup.id.is_empty() {
         return Err(Error::Refused(
@@ -290,46 +318,55 @@ fn refuse_existing(session: &Session, token: &Token, backup: &Backup) -> Result<
                 .into(),
         ));
     }
+    let exists = |what: String| Error::KeyExists {
+        what,
+        token: token.describe(),
+    };
     // The same key under another label or id would be a second copy of it.
     for key in list_keys(session)?
         .into_iter()
         .flatten()
     {
         if key.spki == backup.spki {
-            return Err(Error::KeyExists {
-                what: format!(
-                    "the same public key (as `{}`, id {})",
-                    key.label,
-                    hex::encode(&key.id)
-                ),
-                token: token.describe(),
-            });
+            return Err(exists(format!(
+                "the same public key (as `{}`, id {})",
+                key.label,
+                hex::encode(&key.id)
+            )));
         }
     }
-    let mut probes = vec![(
-        Attribute::Label(backup.label.as_bytes().to_vec()),
-        format!("label `{}`", backup.label),
-    )];
-    if !backup.id.is_empty() {
-        probes.push((
-            Attribute::Id(backup.id.clone()),
-            format!("id {}", hex::encode(&backup.id)),
-        ));
-    }
-    for (attribute, what) in probes {
-        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
-            let found = session
-                .find_objects(&[Attribute::Class(class), attribute.clone()])
-                .map_err(pkcs11::Error::pkcs11("look for existing keys"))?;
-            if !found.is_empty() {
-                return Err(Error::KeyExists {
-                    what,
-                    token: token.describe(),
-                });
-            }
+    let label = Attribute::Label(backup.label.as_bytes().to_vec());
+    let id = Attribute::Id(backup.id.clone());
+    let find = |class, attribute: &Attribute| {
+        session
+            .find_objects(&[Attribute::Class(class), attribute.clone()])
+            .map_err(pkcs11::Error::pkcs11("look for existing keys"))
+    };
+    let label_text = format!("label `{}`", backup.label);
+    let id_text = format!("id {}", hex::encode(&backup.id));
+    for (attribute, what) in [(&label, &label_text), (&id, &id_text)] {
+        if !find(ObjectClass::PRIVATE_KEY, attribute)?.is_empty() {
+            return Err(exists(what.clone()));
         }
     }
-    Ok(())
+    let by_label = find(ObjectClass::PUBLIC_KEY, &label)?;
+    let by_id = find(ObjectClass::PUBLIC_KEY, &id)?;
+    match (by_label.as_slice(), by_id.as_slice()) {
+        ([], []) => Ok(None),
+        ([one], [same])
+            if one == same
+                && pkcs11::public_key_spki(session, *one, &backup.label)
+                    .is_ok_and(|spki| spki == backup.spki) =>
+        {
+            tracing::info!(
+                label = %backup.label,
+                "using the public key object an interrupted restore left"
+            );
+            Ok(Some(*one))
+        }
+        ([], _) => Err(exists(id_text)),
+        _ => Err(exists(label_text)),
+    }
 }
 
 fn key_type(kind: KeyKind) -> KeyType {

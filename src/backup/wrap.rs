@@ -260,6 +260,13 @@ fn check_policy(key: &KeyObject) -> Result<(), Error> {
             reason: reason.to_owned(),
         })
     };
+    if !key.extractable && !key.local {
+        return refuse(
+            "CKA_EXTRACTABLE=false: it was not generated on this token but restored from a backup \
+             (or imported), and such keys are locked; the backup file it was restored from \
+             remains its backup (for an imported key, the file it was imported from)",
+        );
+    }
     if !key.extractable {
         return refuse(
             "CKA_EXTRACTABLE=false: it was generated with backup policy `none` (the default), \
