@@ -533,19 +533,17 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     ok(a.cli(&["key", "delete", "other", "--yes"]));
     write_public("tls", &other_spki);
     let err = fails(a.restore(&file, KEK));
-    assert!(err.contains("already exists"), "{err}");
-    tool_ok(a.hsm.pkcs11_tool(&[
-        "--token-label",
-        &a.token.label,
-        "--login",
-        "--pin",
-        &a.token.user_pin(),
-        "--delete-object",
-        "--type",
-        "pubkey",
-        "--label",
-        "tls",
-    ]));
+    assert!(
+        err.contains("public key object with label `tls` and no private key")
+            && err.contains("rustls-hsm key delete 'tls'"),
+        "{err}"
+    );
+    // As the message says, `key delete` removes a public key without its private half.
+    let deleted = ok(a.cli(&["key", "delete", "tls", "--yes"]));
+    assert!(
+        deleted.contains("0 private key(s) without a public half and 1 public key(s)"),
+        "{deleted}"
+    );
     write_public("tls", &spki);
 
     // The KEK's unwrap template locks restored keys: keeping wrap-with-trusted is refused
@@ -560,11 +558,15 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     );
     assert_eq!(a.object_count(), before);
 
-    ok(a.restore(&file, KEK));
+    let restored = ok(a.restore(&file, KEK));
+    assert!(
+        restored.contains("replaced the public key object an interrupted restore had left"),
+        "{restored}"
+    );
     assert_eq!(
         a.object_count(),
         before + 1,
-        "the leftover public key is used, not doubled"
+        "the leftover public key is replaced, not doubled"
     );
     assert_eq!(a.spki("tls"), spki);
     let list = common::cli::json(a.cli(&["key", "list", "--json"]));
@@ -590,6 +592,27 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     widen.args(["--backup-policy", "wrap-with-trusted"]);
     let err = fails(widen);
     assert!(err.contains("cannot get it either"), "{err}");
+
+    // A private key whose public half is gone (another tool, an old interruption): `key
+    // delete` removes it, and the backup restores again.
+    tool_ok(a.hsm.pkcs11_tool(&[
+        "--token-label",
+        &a.token.label,
+        "--login",
+        "--pin",
+        &a.token.user_pin(),
+        "--delete-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "tls",
+    ]));
+    let deleted = ok(a.cli(&["key", "delete", "tls", "--yes"]));
+    assert!(
+        deleted.contains("1 private key(s) without a public half and 0 public key(s)"),
+        "{deleted}"
+    );
+    ok(a.restore(&file, KEK));
 }
 
 #[test]
@@ -607,6 +630,25 @@ fn a_wrong_so_pin_is_named_as_such() {
         "{err}"
     );
     assert!(!err.contains("not-the-so-pin"), "the PIN leaked: {err}");
+    // A ceremony that fails at the SO login takes back the shares it wrote.
+    let out_dir = a.dir().join("shares");
+    let mut cmd = a.cli(&[
+        "kek",
+        "ceremony",
+        "--label",
+        KEK,
+        "--shares",
+        "3",
+        "--threshold",
+        "2",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    cmd.arg("--so-pin")
+        .arg(format!("file:{}", wrong.display()));
+    let err = fails(cmd);
+    assert!(err.contains("wrong SO PIN"), "{err}");
+    assert!(!out_dir.exists(), "the failed ceremony left its shares");
     // Nothing was made, and the right SO PIN still works.
     ok(a.cli_so(&["kek", "create", "--label", KEK]));
 }

@@ -21,9 +21,9 @@ use super::format::{
     check_header, check_integrity, integrity_of, now_rfc3339, write_private_file, Integrity,
     FORMAT_VERSION,
 };
-use super::kek::{create_kek, CheckValue, KekObject, KEK_LEN};
+use super::kek::{check_kek_can_be_made, create_kek, CheckValue, KekObject, KEK_LEN};
 use super::Error;
-use crate::pkcs11::{self, login_user, Module, Token};
+use crate::pkcs11::{self, Module, Token};
 
 /// The `format` field of every share file.
 pub const SHARE_FORMAT_NAME: &str = "rustls-hsm-kek-share";
@@ -157,40 +157,47 @@ pub fn kek_ceremony(
              <= shares <= 255"
         )));
     }
+    check_kek_can_be_made(module, token, user_pin, label)?;
     let made_dir = !out_dir.exists();
     let files = share_paths(out_dir, label, shares)?;
-
-    let made = random_kek(module, token).and_then(|value| {
-        let check_value = CheckValue::of_aes256(&value);
-        let parts = split(&value, threshold, shares)?;
-        let kek = create_kek(module, token, user_pin, so_pin, label, Some(&value))?;
-        Ok((kek, check_value, parts))
-    });
-    let (kek, check_value, parts) = match made {
-        Ok(made) => made,
-        Err(e) => {
-            if made_dir {
-                // Only the empty directory made above; never anything that was there before.
-                let _ = fs::remove_dir(out_dir);
-            }
-            return Err(e);
-        }
-    };
-
-    let created = now_rfc3339();
-    let written = write_shares(&files, &parts, label, check_value, threshold, &created);
-    if let Err(e) = written {
+    // Undoes what this ceremony wrote, never anything that was there before.
+    let remove_written = || {
         for file in &files {
             let _ = fs::remove_file(file);
         }
-        destroy_kek(module, token, user_pin, &kek);
-        return Err(e);
+        if made_dir {
+            let _ = fs::remove_dir(out_dir);
+        }
+    };
+
+    // The shares are written before the KEK reaches the token: stopped in between, the
+    // custodians hold shares that `kek import` turns into the KEK, and never does a KEK exist
+    // that no one holds shares of.
+    let made = random_kek(module, token).and_then(|value| {
+        let check_value = CheckValue::of_aes256(&value);
+        let parts = split(&value, threshold, shares)?;
+        write_shares(
+            &files,
+            &parts,
+            label,
+            check_value,
+            threshold,
+            &now_rfc3339(),
+        )?;
+        let kek = create_kek(module, token, user_pin, so_pin, label, Some(&value))?;
+        Ok((kek, check_value))
+    });
+    match made {
+        Ok((kek, check_value)) => Ok(Ceremony {
+            kek,
+            check_value,
+            files,
+        }),
+        Err(e) => {
+            remove_written();
+            Err(e)
+        }
     }
-    Ok(Ceremony {
-        kek,
-        check_value,
-        files,
-    })
 }
 
 /// Rebuilds a KEK from custodian share files and imports it into `token` as `label`.
@@ -399,17 +406,6 @@ fn write_shares(
         write_private_file(file, text.as_bytes())?;
     }
     Ok(())
-}
-
-fn destroy_kek(module: &Module, token: &Token, user_pin: &SecretString, kek: &KekObject) {
-    let destroyed = login_user(module, token, user_pin).and_then(|session| {
-        session
-            .destroy_object(kek.handle)
-            .map_err(pkcs11::Error::pkcs11("destroy the KEK"))
-    });
-    if let Err(e) = destroyed {
-        tracing::warn!(kek = %kek.label, error = %e, "could not destroy the KEK of a failed ceremony");
-    }
 }
 
 fn wipe_all(parts: Vec<Vec<u8>>) {

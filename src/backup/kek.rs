@@ -333,16 +333,7 @@ pub fn create_kek(
     label: &str,
     value: Option<&Zeroizing<[u8; KEK_LEN]>>,
 ) -> Result<KekObject, Error> {
-    if label.is_empty() {
-        return Err(Error::Refused(
-            "a key-encryption key needs a non-empty label".into(),
-        ));
-    }
-    let user = login_user(module, token, user_pin)?;
-    refuse_existing(&user, token, label)?;
-    refuse_leaky_token(module, &user, token)?;
-    logout(&user)?;
-    drop(user);
+    check_kek_can_be_made(module, token, user_pin, label)?;
 
     let so = login_so(module, token, so_pin)?;
     let mechanisms = kek_mechanisms(module, &so, token)?;
@@ -394,6 +385,27 @@ pub fn create_kek(
         }
     }
     checked
+}
+
+/// Checks, as the user, everything that would stop a KEK from being made: an empty or taken
+/// label, a token that cannot keep it secret, no RFC 5649 key wrap. A ceremony runs this before
+/// anything is written.
+pub(crate) fn check_kek_can_be_made(
+    module: &Module,
+    token: &Token,
+    user_pin: &SecretString,
+    label: &str,
+) -> Result<(), Error> {
+    if label.is_empty() {
+        return Err(Error::Refused(
+            "a key-encryption key needs a non-empty label".into(),
+        ));
+    }
+    let user = login_user(module, token, user_pin)?;
+    refuse_existing(&user, token, label)?;
+    refuse_leaky_token(module, &user, token)?;
+    kek_mechanisms(module, &user, token)?;
+    logout(&user)
 }
 
 /// Opens a read-write session and logs the security officer in, unless the SO PIN is locked or

@@ -34,6 +34,9 @@ pub struct RestoreReport {
     pub scheme: SignatureScheme,
     /// The check value of the KEK used.
     pub kek_check_value: Option<CheckValue>,
+    /// A public key object with the backup's label, id and key was on the token (left by an
+    /// interrupted restore) and was replaced.
+    pub replaced_public: bool,
 }
 
 impl RestoreReport {
@@ -109,7 +112,7 @@ struct Target {
     label: String,
     id: Vec<u8>,
     policy: BackupPolicy,
-    /// The backup's own public key object, left by an interrupted restore: used, not remade.
+    /// The backup's own public key object, left by an interrupted restore: replaced.
     leftover_public: Option<ObjectHandle>,
 }
 
@@ -123,10 +126,11 @@ struct Restored {
 impl Restored {
     fn destroy(&self, session: &Session) -> Result<(), Error> {
         let mut result = Ok(());
-        for handle in self
-            .public
+        // The private key first: stopped halfway, this leaves a public key, never a private
+        // key without its public half.
+        for handle in [self.private]
             .into_iter()
-            .chain([self.private])
+            .chain(self.public)
         {
             if let Err(e) = session.destroy_object(handle) {
                 tracing::warn!(%handle, error = %e, "could not destroy a restored object");
@@ -166,14 +170,26 @@ fn unwrap_checked(
     let mechanism = KeyWrap::choose(module, session, token, Op::Unwrap, Some(backup.mechanism))?;
     // The public half first: a restore stopped between the two steps leaves only a public key,
     // which a second run recognises and uses, never a private key that nothing can pair.
-    let made_public = match target.leftover_public {
-        Some(_) => None,
-        None => Some(
-            session
-                .create_object(&public_template(backup, target)?)
-                .map_err(pkcs11::Error::pkcs11("create the public key object"))?,
-        ),
-    };
+    // A leftover is replaced, not used: whoever made it, it gets exactly the attributes a
+    // restore gives, or the restore stops here.
+    if let Some(leftover) = target.leftover_public {
+        session
+            .destroy_object(leftover)
+            .map_err(|e| {
+                Error::Refused(format!(
+                "a public key object with the backup's label, id and key is on token {} (left by \
+                 an interrupted restore, or made by someone else), and it cannot be replaced: \
+                 {}; nothing was restored",
+                token.describe(),
+                pkcs11::rv_text(&e)
+            ))
+            })?;
+    }
+    let made_public = Some(
+        session
+            .create_object(&public_template(backup, target)?)
+            .map_err(pkcs11::Error::pkcs11("create the public key object"))?,
+    );
     let unwrapped = mechanism
         .unwrap(
             module,
@@ -219,6 +235,7 @@ fn unwrap_checked(
                 key,
                 scheme,
                 kek_check_value: kek.check_value,
+                replaced_public: target.leftover_public.is_some(),
             },
             restored,
         )),
@@ -304,7 +321,7 @@ fn check_restored(
 
 /// Refuses when a key with the backup's public key, label or id is on the token, except the
 /// backup's own public key object alone, left by an interrupted restore (same label, id and
-/// public key): that one is returned, to be used.
+/// public key): that one is returned, to be replaced.
 fn refuse_existing(
     session: &Session,
     token: &Token,
@@ -364,8 +381,20 @@ fn refuse_existing(
             );
             Ok(Some(*one))
         }
-        ([], _) => Err(exists(id_text)),
-        _ => Err(exists(label_text)),
+        (by_label, _) => {
+            let (what, selector) = if by_label.is_empty() {
+                (id_text, format!("id:{}", hex::encode(&backup.id)))
+            } else {
+                (label_text, backup.label.clone())
+            };
+            Err(Error::Refused(format!(
+                "a public key object with {what} and no private key is on token {} (left by an \
+                 interrupted restore of another backup, or by another tool); nothing was \
+                 restored. Remove it with `rustls-hsm key delete '{selector}'` or restore onto \
+                 another token",
+                token.describe(),
+            )))
+        }
     }
 }
 

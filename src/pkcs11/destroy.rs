@@ -1,9 +1,10 @@
-//! Destroying one key pair: its private half, its public half and its certificates.
+//! Destroying one key pair: its private half, its public half and its certificates; or the
+//! halves of a pair whose other half is missing.
 
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::{Error, KeyObject};
+use super::{Error, KeyObject, KeySelector};
 
 /// What [`destroy_key`] destroyed.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -75,4 +76,84 @@ fn destroy(session: &Session, handle: ObjectHandle, op: &'static str) -> Result<
     session
         .destroy_object(handle)
         .map_err(Error::pkcs11(op))
+}
+
+/// Key objects that `selector` names but that do not form a pair: private keys without a public
+/// half and public keys without a private half (what an interrupted restore or another tool
+/// can leave).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct UnpairedObjects {
+    /// Private key objects with no public half.
+    pub private: Vec<ObjectHandle>,
+    /// Public key objects with no private half.
+    pub public: Vec<ObjectHandle>,
+}
+
+impl UnpairedObjects {
+    /// Nothing was found.
+    pub fn is_empty(&self) -> bool {
+        self.private.is_empty() && self.public.is_empty()
+    }
+}
+
+/// Finds the unpaired key objects `selector` names (see [`UnpairedObjects`]).
+///
+/// A private key counts as unpaired when no public key object has its `CKA_ID` (or, without an
+/// id, its label); a public key, when no private key does.
+pub fn find_unpaired(session: &Session, selector: &KeySelector) -> Result<UnpairedObjects, Error> {
+    let find = |template: &[Attribute]| {
+        session
+            .find_objects(template)
+            .map_err(Error::pkcs11("find key objects"))
+    };
+    let partner_exists = |handle: ObjectHandle, partner: ObjectClass| -> Result<bool, Error> {
+        let attrs = session
+            .get_attributes(handle, &[AttributeType::Id, AttributeType::Label])
+            .map_err(Error::pkcs11("read a key object's id and label"))?;
+        let mut template = vec![Attribute::Class(partner)];
+        for attr in attrs {
+            match attr {
+                Attribute::Id(id) if !id.is_empty() => {
+                    template.push(Attribute::Id(id));
+                    break;
+                }
+                Attribute::Label(label) if template.len() == 1 => {
+                    template.push(Attribute::Label(label));
+                }
+                _ => {}
+            }
+        }
+        Ok(!find(&template)?.is_empty())
+    };
+    let mut found = UnpairedObjects::default();
+    for handle in find(&selector.template(ObjectClass::PRIVATE_KEY))? {
+        if !partner_exists(handle, ObjectClass::PUBLIC_KEY)? {
+            found.private.push(handle);
+        }
+    }
+    for handle in find(&selector.template(ObjectClass::PUBLIC_KEY))? {
+        if !partner_exists(handle, ObjectClass::PRIVATE_KEY)? {
+            found.public.push(handle);
+        }
+    }
+    Ok(found)
+}
+
+/// Destroys the objects [`find_unpaired`] found; private keys first.
+pub fn destroy_unpaired(session: &Session, objects: &UnpairedObjects) -> Result<(), Error> {
+    for handle in &objects.private {
+        destroy(
+            session,
+            *handle,
+            "destroy a private key without a public half",
+        )?;
+    }
+    for handle in &objects.public {
+        destroy(
+            session,
+            *handle,
+            "destroy a public key without a private half",
+        )?;
+    }
+    Ok(())
 }

@@ -74,7 +74,7 @@ impl KeySelector {
         Ok(())
     }
 
-    fn template(&self, class: ObjectClass) -> Vec<Attribute> {
+    pub(crate) fn template(&self, class: ObjectClass) -> Vec<Attribute> {
         let mut template = vec![Attribute::Class(class)];
         if let Some(label) = &self.label {
             template.push(Attribute::Label(label.as_bytes().to_vec()));

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use cryptoki::error::{Error as CkError, RvError};
 
-pub use destroy::{destroy_key, DestroyedKey};
+pub use destroy::{destroy_key, destroy_unpaired, find_unpaired, DestroyedKey, UnpairedObjects};
 pub(crate) use keygen::private_template;
 pub use keygen::{
     generate_key_pair, generate_session_key_pair, import_private_key, BackupPolicy, KeySpec,

@@ -106,6 +106,12 @@ pub(crate) fn run(module: &Module, command: BackupCommand) -> anyhow::Result<()>
                 report.key.kind,
                 token.describe()
             );
+            if report.replaced_public {
+                outln!(
+                    "replaced the public key object an interrupted restore had left (same label, \
+                     id and key)"
+                );
+            }
             print_check(&report)?;
             Ok(())
         }

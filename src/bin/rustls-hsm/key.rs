@@ -10,8 +10,9 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use der::pem::LineEnding;
 use rustls_hsm::pkcs11::{
-    destroy_key, find_key_on, generate_key_pair, import_private_key, list_keys, BackupPolicy,
-    Curve, Error, KeyKind, KeyObject, KeySelector, KeySpec, Module, Pkcs11Uri, Token,
+    destroy_key, destroy_unpaired, find_key_on, find_unpaired, generate_key_pair,
+    import_private_key, list_keys, BackupPolicy, Curve, Error, KeyKind, KeyObject, KeySelector,
+    KeySpec, Module, Pkcs11Uri, Token,
 };
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -402,7 +403,14 @@ fn delete(
     yes: bool,
 ) -> anyhow::Result<()> {
     let (token, session) = login.login(module)?;
-    let key = find_key_on(&session, selector, &token, true)?;
+    let key = match find_key_on(&session, selector, &token, true) {
+        Ok(key) => key,
+        // Half a pair (an interrupted restore, another tool): delete what is there.
+        Err(e @ (Error::KeyNotFound { .. } | Error::PublicKey { .. })) => {
+            return delete_unpaired(&session, &token, selector, yes, e)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !yes {
         confirm_by_typing(
             &key.label,
@@ -432,6 +440,37 @@ fn delete(
             hex::encode(&key.id)
         );
     }
+    Ok(())
+}
+
+/// Deletes key objects whose other half is missing; `not_paired` is the error the pair lookup
+/// gave, returned when there is nothing of the kind either.
+fn delete_unpaired(
+    session: &Session,
+    token: &Token,
+    selector: &KeySelector,
+    yes: bool,
+    not_paired: Error,
+) -> anyhow::Result<()> {
+    let unpaired = find_unpaired(session, selector)?;
+    if unpaired.is_empty() {
+        return Err(not_paired.into());
+    }
+    let what = format!(
+        "{} private key(s) without a public half and {} public key(s) without a private half \
+         matching `{selector}`",
+        unpaired.private.len(),
+        unpaired.public.len()
+    );
+    if !yes {
+        confirm_by_typing(
+            &selector.to_string(),
+            &format!("deleting {what} from token {}", token.describe()),
+            "--yes",
+        )?;
+    }
+    destroy_unpaired(session, &unpaired)?;
+    outln!("deleted {what}");
     Ok(())
 }
 
