@@ -78,15 +78,7 @@ impl Hsm {
 
     /// How many objects pkcs11-tool (an independent client) sees after logging in.
     fn object_count(&self) -> usize {
-        let listing = tool_ok(self.hsm.pkcs11_tool(&[
-            "--token-label",
-            &self.token.label,
-            "--login",
-            "--pin",
-            &self.token.user_pin(),
-            "--list-objects",
-        ]));
-        listing
+        self.tool(&["--list-objects"])
             .lines()
             .filter(|l| !l.starts_with(' ') && l.to_lowercase().contains(" object"))
             .count()
@@ -106,25 +98,24 @@ impl Hsm {
     }
 
     fn verify(&self, file: &Path, kek: &str) -> std::process::Command {
-        self.cli(&[
-            "backup",
-            "verify",
-            "--in",
-            file.to_str().unwrap(),
-            "--kek",
-            kek,
-        ])
+        self.with_file("verify", file, kek)
     }
 
     fn restore(&self, file: &Path, kek: &str) -> std::process::Command {
-        self.cli(&[
-            "backup",
-            "restore",
-            "--in",
-            file.to_str().unwrap(),
-            "--kek",
-            kek,
-        ])
+        self.with_file("restore", file, kek)
+    }
+
+    /// `rustls-hsm backup VERB --in FILE --kek KEK`.
+    fn with_file(&self, verb: &str, file: &Path, kek: &str) -> std::process::Command {
+        self.cli(&["backup", verb, "--in", file.to_str().unwrap(), "--kek", kek])
+    }
+
+    /// `pkcs11-tool` logged in as the user on this token.
+    fn tool(&self, args: &[&str]) -> String {
+        let pin = self.token.user_pin();
+        let mut all = vec!["--token-label", &self.token.label, "--login", "--pin", &pin];
+        all.extend_from_slice(args);
+        tool_ok(self.hsm.pkcs11_tool(&all))
     }
 }
 
@@ -299,12 +290,7 @@ fn default_policy_key_and_untrusted_kek_are_refused_before_any_wrap_call() {
     a.generate("plain", "none");
     a.generate("tls", "wrap-with-trusted");
     // A wrap-capable AES key that the security officer never marked trusted.
-    tool_ok(a.hsm.pkcs11_tool(&[
-        "--token-label",
-        &a.token.label,
-        "--login",
-        "--pin",
-        &a.token.user_pin(),
+    a.tool(&[
         "--keygen",
         "--key-type",
         "AES:32",
@@ -312,7 +298,7 @@ fn default_policy_key_and_untrusted_kek_are_refused_before_any_wrap_call() {
         "untrusted",
         "--usage-wrap",
         "--sensitive",
-    ]));
+    ]);
 
     // SoftHSM cannot wrap EdDSA keys: said so, not as a bare return code.
     ok(a.cli(&[
@@ -512,12 +498,7 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
             .dir()
             .join(format!("{label}-public.der"));
         fs::write(&der, spki).unwrap();
-        tool_ok(a.hsm.pkcs11_tool(&[
-            "--token-label",
-            &a.token.label,
-            "--login",
-            "--pin",
-            &a.token.user_pin(),
+        a.tool(&[
             "--write-object",
             der.to_str().unwrap(),
             "--type",
@@ -526,7 +507,7 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
             label,
             "--id",
             &hex::encode(&Backup::read(&file).unwrap().id),
-        ]));
+        ]);
     };
     a.generate("other", "none");
     let other_spki = a.spki("other");
@@ -595,18 +576,7 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
 
     // A private key whose public half is gone (another tool, an old interruption): `key
     // delete` removes it, and the backup restores again.
-    tool_ok(a.hsm.pkcs11_tool(&[
-        "--token-label",
-        &a.token.label,
-        "--login",
-        "--pin",
-        &a.token.user_pin(),
-        "--delete-object",
-        "--type",
-        "pubkey",
-        "--label",
-        "tls",
-    ]));
+    a.tool(&["--delete-object", "--type", "pubkey", "--label", "tls"]);
     let deleted = ok(a.cli(&["key", "delete", "tls", "--yes"]));
     assert!(
         deleted.contains("1 private key(s) without a public half and 0 public key(s)"),
