@@ -289,7 +289,7 @@ fn default_policy_key_and_untrusted_kek_are_refused_before_any_wrap_call() {
     ok(a.cli_so(&["kek", "create", "--label", KEK]));
     a.generate("plain", "none");
     a.generate("tls", "wrap-with-trusted");
-    // A wrap-capable AES key that the security officer never marked trusted.
+    // A private, wrap-capable AES key that the security officer never marked trusted.
     a.tool(&[
         "--keygen",
         "--key-type",
@@ -298,21 +298,29 @@ fn default_policy_key_and_untrusted_kek_are_refused_before_any_wrap_call() {
         "untrusted",
         "--usage-wrap",
         "--sensitive",
+        "--private",
     ]);
 
-    // SoftHSM cannot wrap EdDSA keys: said so, not as a bare return code.
-    ok(a.cli(&[
-        "key",
-        "generate",
-        "--label",
-        "ed",
-        "--type",
-        "ed25519",
-        "--backup-policy",
-        "wrap-with-trusted",
-    ]));
-    let err = fails(a.backup("ed", KEK, &a.dir().join("ed.backup")));
-    assert!(err.contains("cannot wrap EdDSA keys"), "{err}");
+    // SoftHSM cannot wrap EdDSA keys: the policy is refused when the key would be born, said
+    // so rather than leaving an extractable key that no backup can take; nothing stays.
+    let before = a.object_count();
+    let ed = |policy| {
+        a.cli(&[
+            "key",
+            "generate",
+            "--label",
+            "ed",
+            "--type",
+            "ed25519",
+            "--backup-policy",
+            policy,
+        ])
+    };
+    let err = fails(ed("wrap-with-trusted"));
+    assert!(err.contains("cannot wrap ed25519 keys"), "{err}");
+    assert!(err.contains("SoftHSM 2.6 cannot wrap EdDSA keys"), "{err}");
+    assert_eq!(a.object_count(), before, "the trial left objects");
+    ok(ed("none"));
 
     for (key, kek, expected) in [
         (
@@ -431,9 +439,16 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
     relabelled.id = vec![0xdd];
     let mut no_id = relabelled.clone();
     no_id.id.clear();
+    let mut no_label = relabelled.clone();
+    no_label.label.clear();
+    // Labels are printed: a forged one must not be able to rewrite the operator's terminal.
+    let mut escapes = relabelled.clone();
+    escapes.label = "tls\u{1b}[2J\nrestored: ok".into();
     for (case, forged, expected) in [
         ("relabelled", relabelled, "the same public key"),
-        ("empty id", no_id, "empty label or id"),
+        ("empty id", no_id, "field `key.id` is empty"),
+        ("empty label", no_label, "field `key.label` is empty"),
+        ("control characters", escapes, "control character"),
     ] {
         let path = write(case, &forged.to_json().unwrap());
         let err = fails(b.restore(&path, KEK));
@@ -441,8 +456,64 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
             err.contains(expected),
             "{case}: `{expected}` missing from: {err}"
         );
+        assert!(!err.contains('\u{1b}'), "{case}: {err:?}");
         assert_eq!(b.object_count(), before, "{case} left objects on the token");
+        // What restore refuses, verify does not call good.
+        if case != "relabelled" {
+            let err = fails(b.verify(&path, KEK));
+            assert!(err.contains(expected), "verify, {case}: {err}");
+        }
     }
+    // A version of the wrong type is named as such, not as damaged JSON.
+    let path = write(
+        "string-version",
+        &text.replacen("\"version\": 1", "\"version\": \"1\"", 1),
+    );
+    let err = fails(b.verify(&path, KEK));
+    assert!(err.contains("must be a whole number"), "{err}");
+    // A device or a directory is not read at all, a huge file not past the limit.
+    let huge = a.dir().join("huge");
+    fs::File::create(&huge)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    for (path, expected) in [
+        (Path::new("/dev/zero"), "not a regular file"),
+        (a.dir(), "not a regular file"),
+        (huge.as_path(), "larger than"),
+    ] {
+        let err = fails(b.verify(path, KEK));
+        assert!(err.contains(expected), "{}: {err}", path.display());
+    }
+}
+
+#[test]
+fn a_public_key_carrying_the_kek_label_neither_blocks_nor_stands_in() {
+    let a = Hsm::new("hsm-a");
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
+    a.generate("tls", "wrap-with-trusted");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+    // Anyone may create a public object: here an AES key with the KEK's label, and another
+    // under a label no KEK has.
+    let value = a.dir().join("aes.bin");
+    fs::write(&value, [7u8; 32]).unwrap();
+    for label in [KEK, "decoy"] {
+        a.tool(&[
+            "--write-object",
+            value.to_str().unwrap(),
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--label",
+            label,
+        ]);
+    }
+    let out = ok(a.verify(&file, KEK));
+    assert!(out.contains("is good"), "{out}");
+    let err = fails(a.verify(&file, "decoy"));
+    assert!(err.contains("usable without any PIN"), "{err}");
 }
 
 #[test]
@@ -513,6 +584,17 @@ fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
     let other_spki = a.spki("other");
     ok(a.cli(&["key", "delete", "other", "--yes"]));
     write_public("tls", &other_spki);
+    // `key list` shows it, and how to remove it.
+    let listed = ok(a.cli(&["key", "list"]));
+    assert!(
+        listed.contains("public key \"tls\"") && listed.contains("has no private key"),
+        "{listed}"
+    );
+    let list = common::cli::json(a.cli(&["key", "list", "--json"]));
+    assert_eq!(
+        list["public_keys_without_private_key"][0]["label"], "tls",
+        "{list:#}"
+    );
     let err = fails(a.restore(&file, KEK));
     assert!(
         err.contains("public key object with label `tls` and no private key")

@@ -238,7 +238,7 @@ fn planted_keks_are_refused(s: &Setup) {
         raw.generate_key(&so, sys::CKM_AES_KEY_GEN, &template)
     };
     // SoftHSM's SO cannot make private objects; kryoptic's can.
-    let mut planted = vec![("public-kek", "CKA_PRIVATE=false")];
+    let mut planted = vec![("public-kek", "a public object is usable without any PIN")];
     plant("public-kek", false, false).unwrap();
     if plant("modifiable-kek", true, true).is_ok() {
         planted.push(("modifiable-kek", "CKA_MODIFIABLE=true"));

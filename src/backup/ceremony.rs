@@ -18,8 +18,8 @@ use vsss_rs::Gf256;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{
-    check_header, check_integrity, integrity_of, now_rfc3339, write_private_file, Integrity,
-    FORMAT_VERSION,
+    check_header, check_integrity, integrity_of, now_rfc3339, read_small_file, write_private_file,
+    Integrity, FORMAT_VERSION,
 };
 use super::kek::{check_kek_can_be_made, create_kek, CheckValue, KekObject, KEK_LEN};
 use super::Error;
@@ -72,7 +72,7 @@ impl std::fmt::Debug for ShareFile {
 impl ShareFile {
     /// Reads and checks a share file: format, version, integrity and fields.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let text = Zeroizing::new(fs::read_to_string(path).map_err(Error::io("read", path))?);
+        let text = read_small_file(path)?;
         Self::parse(&text).map_err(|reason| Error::Share {
             path: path.to_owned(),
             reason,
@@ -85,6 +85,7 @@ impl ShareFile {
             .map_err(|e| format!("not a valid version {FORMAT_VERSION} share file: {e}"))?;
         check_integrity(&file.content, &file.integrity, SHARE_FORMAT_NAME)?;
         let c = &file.content;
+        pkcs11::check_label("field `kek_label`", &c.kek_label)?;
         let share = Zeroizing::new(
             hex::decode(c.share.as_str()).map_err(|_| "field `share` is not hexadecimal")?,
         );
@@ -292,12 +293,17 @@ fn share_paths(out_dir: &Path, label: &str, shares: u8) -> Result<Vec<PathBuf>, 
             }
         })
         .collect();
+    // `../x` would give `.._x-share-...`: a hidden file that `ls` does not show.
+    let stem = stem.trim_start_matches('.');
+    let stem = if stem.is_empty() { "kek" } else { stem };
     let files: Vec<PathBuf> = (1..=shares)
         .map(|i| out_dir.join(format!("{stem}-share-{i}-of-{shares}.json")))
         .collect();
     if let Some(existing) = files.iter().find(|f| f.exists()) {
         return Err(Error::Refused(format!(
-            "{} already exists; choose an empty --out-dir",
+            "{} already exists; choose an empty --out-dir (if a ceremony for this KEK was \
+             stopped after writing its shares, its custodians can bring the KEK in with \
+             `rustls-hsm kek import` instead)",
             existing.display()
         )));
     }
@@ -482,6 +488,20 @@ impl Drop for ShareContent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_file_names_stay_in_the_directory_and_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        for (label, first) in [
+            ("backup-kek", "backup-kek-share-1-of-2.json"),
+            ("../../evil", "_.._evil-share-1-of-2.json"),
+            ("..", "kek-share-1-of-2.json"),
+            ("a/b c", "a_b_c-share-1-of-2.json"),
+        ] {
+            let files = share_paths(dir.path(), label, 2).unwrap();
+            assert_eq!(files[0], dir.path().join(first), "{label}");
+        }
+    }
 
     fn shares_of(value: [u8; KEK_LEN], threshold: u8, count: u8) -> Vec<ShareFile> {
         let value = Zeroizing::new(value);

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::kek::CheckValue;
 use super::wrap::KeyWrap;
 use super::Error;
-use crate::pkcs11::{kind_of_spki, spki_fingerprint, BackupPolicy, KeyKind};
+use crate::pkcs11::{check_label, kind_of_spki, spki_fingerprint, BackupPolicy, KeyKind};
 
 /// The backup format version this crate writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -58,7 +58,7 @@ impl Backup {
     /// A file of a newer format version is refused with a message saying so, before its
     /// content is looked at.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let text = fs::read_to_string(path).map_err(Error::io("read", path))?;
+        let text = read_small_file(path)?;
         Self::parse(&text).map_err(|reason| Error::File {
             path: path.to_owned(),
             reason,
@@ -180,6 +180,41 @@ pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error>
     written.map_err(Error::io("write", path))
 }
 
+/// The largest backup or share file read: an RSA-8192 backup is about 14 KiB.
+pub(crate) const MAX_FILE_LEN: u64 = 1024 * 1024;
+
+/// Reads a backup or share file: a regular file of at most [`MAX_FILE_LEN`] bytes, as UTF-8.
+///
+/// A device, pipe or directory is refused before reading, and a larger file after reading one
+/// byte past the limit, so `--in /dev/zero` or a huge file cannot exhaust memory.
+pub(crate) fn read_small_file(path: &Path) -> Result<zeroize::Zeroizing<String>, Error> {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(Error::io("read", path))?;
+    let meta = file
+        .metadata()
+        .map_err(Error::io("read", path))?;
+    let refuse = |reason: String| Error::File {
+        path: path.to_owned(),
+        reason,
+    };
+    if !meta.is_file() {
+        return Err(refuse(
+            "not a regular file; give the path of a backup or share file".into(),
+        ));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    file.take(MAX_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(Error::io("read", path))?;
+    if text.len() as u64 > MAX_FILE_LEN {
+        return Err(refuse(format!(
+            "larger than {MAX_FILE_LEN} bytes, far more than any backup or share file; \
+             not read"
+        )));
+    }
+    Ok(text)
+}
+
 /// Checks `format` and `version` before anything else, so that a newer file says so.
 pub(crate) fn check_header(text: &str, format: &str, what: &str) -> Result<(), String> {
     let header: Header = serde_json::from_str(text)
@@ -190,14 +225,19 @@ pub(crate) fn check_header(text: &str, format: &str, what: &str) -> Result<(), S
             header.format.unwrap_or_default()
         ));
     }
-    match header.version {
-        Some(FORMAT_VERSION) => Ok(()),
-        Some(v) if v > FORMAT_VERSION => Err(format!(
+    let Some(version) = header.version else {
+        return Err("no format version".into());
+    };
+    match version.as_u64() {
+        Some(v) if v == u64::from(FORMAT_VERSION) => Ok(()),
+        Some(v) if v > u64::from(FORMAT_VERSION) => Err(format!(
             "format version {v} is newer than this rustls-hsm reads (version {FORMAT_VERSION}); \
              use a newer rustls-hsm"
         )),
         Some(v) => Err(format!("unknown format version {v}")),
-        None => Err("no format version".into()),
+        None => Err(format!(
+            "field `version` is {version}; it must be a whole number such as {FORMAT_VERSION}"
+        )),
     }
 }
 
@@ -249,7 +289,7 @@ pub(crate) struct Integrity {
 #[derive(Deserialize)]
 struct Header {
     format: Option<String>,
-    version: Option<u32>,
+    version: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -336,9 +376,28 @@ impl Content {
             .as_deref()
             .map(str::parse)
             .transpose()?;
+        // Keys are found again by label and id: a restored key needs both.
+        check_label("field `key.label`", &self.key.label)?;
+        let id = hex_field("key.id", &self.key.id)?;
+        if id.is_empty() {
+            return Err(
+                "field `key.id` is empty; rustls-hsm finds keys by label and id, so a restored \
+                 key needs both"
+                    .into(),
+            );
+        }
+        for (field, text) in [
+            ("field `wrapping.kek_label`", &self.wrapping.kek_label),
+            ("field `source_token`", &self.source_token),
+            ("field `created`", &self.created),
+        ] {
+            if text.chars().any(char::is_control) {
+                return Err(format!("{field} holds control characters"));
+            }
+        }
         Ok(Backup {
             label: self.key.label,
-            id: hex_field("key.id", &self.key.id)?,
+            id,
             kind,
             policy,
             spki,

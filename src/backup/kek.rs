@@ -279,7 +279,10 @@ impl KekObject {
     }
 }
 
-/// Finds the one secret key labelled `label` and reads its attributes.
+/// Finds the one private secret key labelled `label` and reads its attributes.
+///
+/// Public secret keys with the label are passed over (and logged): anyone may create one, and
+/// a KEK must not be usable without a PIN.
 ///
 /// `logged_in` says whether `session` is logged in: a KEK is a private object, invisible
 /// otherwise, and the error says so.
@@ -301,8 +304,36 @@ pub fn find_kek(
         token: token.describe(),
         reason,
     };
-    match handles.as_slice() {
+    // A public secret key is usable without any PIN, so it is never a KEK, whoever made it: one
+    // carrying the label (anyone may create public objects) neither blocks nor stands in.
+    let mut private = Vec::new();
+    let mut public = 0;
+    for handle in handles {
+        let attrs = session
+            .get_attributes(handle, &[AttributeType::Private])
+            .map_err(pkcs11::Error::pkcs11(
+                "read a key-encryption key's CKA_PRIVATE",
+            ))?;
+        if matches!(attrs.as_slice(), [Attribute::Private(false)]) {
+            public += 1;
+        } else {
+            private.push(handle);
+        }
+    }
+    if public > 0 {
+        tracing::warn!(
+            label,
+            public,
+            "ignored public secret keys carrying the KEK label: usable without a PIN, never a KEK"
+        );
+    }
+    match private.as_slice() {
         [handle] => read_kek(module, session, *handle),
+        [] if public > 0 => Err(not_found(format!(
+            "only {public} public secret key(s) carry this label, and a public object is usable \
+             without any PIN, so it cannot be a KEK (one made by rustls-hsm is private); remove \
+             it with the token's tools and name the real KEK"
+        ))),
         [] if logged_in => Err(not_found(
             "there is none; make one with `rustls-hsm kek create`, `kek ceremony` or `kek import`"
                 .into(),
@@ -311,7 +342,7 @@ pub fn find_kek(
             "the session is not logged in, and a KEK is a private object".into(),
         )),
         many => Err(not_found(format!(
-            "{} secret keys carry this label; KEK labels must be unique",
+            "{} private secret keys carry this label; KEK labels must be unique",
             many.len()
         ))),
     }
@@ -444,6 +475,7 @@ fn logout(session: &Session) -> Result<(), Error> {
 }
 
 fn refuse_existing(session: &Session, token: &Token, label: &str) -> Result<(), Error> {
+    pkcs11::check_label("the KEK label", label).map_err(Error::Refused)?;
     let found = session
         .find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),

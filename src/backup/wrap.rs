@@ -188,7 +188,7 @@ pub fn create_backup(
             return Err(Error::KeyPolicy {
                 key: key.describe(),
                 reason: format!(
-                    "the token refuses to wrap a {} key ({}) although its policy and the KEK \
+                    "the token refuses to wrap this {} key ({}) although its policy and the KEK \
                      allow it (SoftHSM 2.6 cannot wrap EdDSA keys); keep such a key's \
                      certificate ready to re-issue for a new key instead",
                     key.kind,

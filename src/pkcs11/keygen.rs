@@ -16,7 +16,7 @@ use cryptoki::session::Session;
 use der::Encode;
 use zeroize::Zeroize;
 
-use super::keys::{read_key, Curve, KeyKind, KeyObject, KeySelector};
+use super::keys::{check_label, read_key, Curve, KeyKind, KeyObject, KeySelector};
 use super::Error;
 use material::KeyMaterial;
 
@@ -187,9 +187,7 @@ fn refuse_user_trust(session: &Session, token_label: &str) -> Result<(), Error> 
     let Ok(trusted) = trial else {
         return Ok(());
     };
-    if let Err(e) = session.destroy_object(trusted) {
-        tracing::debug!(error = %e, "the trial key goes with its session instead");
-    }
+    destroy_trial(session, trusted);
     Err(Error::TokenRefused(format!(
         "token `{token_label}` lets the user mark a key trusted (C_GenerateKey accepted \
          CKA_TRUSTED=true in a user session), so backup policy wrap-with-trusted would let any \
@@ -210,8 +208,91 @@ fn generate(
     let id = new_identity(session, token_label, label, id)?;
     if policy == BackupPolicy::WrapWithTrusted {
         refuse_user_trust(session, token_label)?;
+        refuse_unwrappable_kind(session, token_label, spec.0)?;
     }
-    let (mechanism, public_params) = match spec.0 {
+    let (mechanism, public_params) = pair_mechanism(spec.0)?;
+    let mut public = public_template(label, &id, on_token);
+    public.extend(public_params);
+    let private = private_template(label, &id, policy, on_token);
+    let (public_handle, private_handle) = generate_pair(session, &mechanism, &public, &private)?;
+
+    read_back(session, private_handle, public_handle, |key| {
+        check_generated(key, policy)
+    })
+}
+
+/// Refuses backup policy wrap-with-trusted for a key type the token cannot wrap at all (SoftHSM
+/// 2.6 and EdDSA): there the policy would make the key extractable for nothing.
+///
+/// Tried with throwaway session objects: a pair of the same type (RSA at 2048 bits) that is
+/// extractable without `CKA_WRAP_WITH_TRUSTED`, wrapped under an AES key with
+/// `CKM_AES_KEY_WRAP_PAD`. Only `CKR_KEY_NOT_WRAPPABLE` refuses; a token that cannot run the
+/// trial (no session objects, no AES key wrap) is left to `backup create` to judge.
+fn refuse_unwrappable_kind(
+    session: &Session,
+    token_label: &str,
+    kind: KeyKind,
+) -> Result<(), Error> {
+    let trial_kind = match kind {
+        KeyKind::Rsa(_) => KeyKind::Rsa(2048),
+        other => other,
+    };
+    let (mechanism, public_params) = pair_mechanism(trial_kind)?;
+    let mut public = vec![Attribute::Token(false), Attribute::Verify(true)];
+    public.extend(public_params);
+    let private = [
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Sign(true),
+    ];
+    let Ok((trial_public, trial_private)) =
+        session.generate_key_pair(&mechanism, &public, &private)
+    else {
+        return Ok(());
+    };
+    let wrapping = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::ValueLen(32.into()),
+            Attribute::Wrap(true),
+        ],
+    );
+    let refused = match wrapping {
+        Ok(wrapping) => {
+            let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, trial_private);
+            destroy_trial(session, wrapping);
+            matches!(&wrapped, Err(e) if super::rv_of(e) == Some(RvError::KeyNotWrappable))
+        }
+        Err(_) => false,
+    };
+    destroy_trial(session, trial_private);
+    destroy_trial(session, trial_public);
+    if refused {
+        return Err(Error::TokenRefused(format!(
+            "token `{token_label}` cannot wrap {kind} keys (C_WrapKey of a throwaway extractable \
+             {trial_kind} key answered CKR_KEY_NOT_WRAPPABLE), so backup policy \
+             wrap-with-trusted would make the key extractable without any backup; use \
+             --backup-policy none, or another key type (SoftHSM 2.6 cannot wrap EdDSA keys)"
+        )));
+    }
+    Ok(())
+}
+
+/// Destroys a throwaway session object; one that stays goes with its session.
+fn destroy_trial(session: &Session, handle: ObjectHandle) {
+    if let Err(e) = session.destroy_object(handle) {
+        tracing::debug!(error = %e, "the trial object goes with its session instead");
+    }
+}
+
+/// The key-pair generation mechanism for `kind` and the public template's parameters.
+fn pair_mechanism(kind: KeyKind) -> Result<(Mechanism<'static>, Vec<Attribute>), Error> {
+    Ok(match kind {
         KeyKind::Ec(curve) => (
             Mechanism::EccKeyPairGen,
             vec![Attribute::EcParams(oid_der(curve.oid())?)],
@@ -229,14 +310,6 @@ fn generate(
                 Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
             ],
         ),
-    };
-    let mut public = public_template(label, &id, on_token);
-    public.extend(public_params);
-    let private = private_template(label, &id, policy, on_token);
-    let (public_handle, private_handle) = generate_pair(session, &mechanism, &public, &private)?;
-
-    read_back(session, private_handle, public_handle, |key| {
-        check_generated(key, policy)
     })
 }
 
@@ -316,11 +389,7 @@ fn refuse_duplicates(
     label: &str,
     id: Option<&[u8]>,
 ) -> Result<(), Error> {
-    if label.is_empty() {
-        return Err(Error::KeyGeneration {
-            reason: "a key needs a non-empty label".into(),
-        });
-    }
+    check_label("the label", label).map_err(|reason| Error::KeyGeneration { reason })?;
     let exists = |selector: KeySelector, what: String| -> Result<(), Error> {
         let found = session
             .find_objects(&[

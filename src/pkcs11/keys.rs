@@ -278,11 +278,52 @@ impl KeyObject {
     pub fn describe(&self) -> String {
         format!(
             "`{}` (id {}, {})",
-            self.label,
+            printable(&self.label),
             hex::encode(&self.id),
             self.kind
         )
     }
+}
+
+/// A label (or other token text) as it may be printed: control characters escaped.
+///
+/// Labels made by other tools, or restored from a forged backup before labels were checked,
+/// could otherwise rewrite the operator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
+/// Refuses a label that is empty or holds control characters.
+///
+/// Labels are printed, and those in backup and share files are not authenticated: a control
+/// character could rewrite the operator's terminal, so none is taken for a key rustls-hsm makes.
+pub fn check_label(field: &str, label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err(format!(
+            "{field} is empty; rustls-hsm finds keys by label, so it must name one"
+        ));
+    }
+    if let Some(c) = label.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{field} {:?} holds the control character {:?}; use printable characters only",
+            label, c
+        ));
+    }
+    Ok(())
 }
 
 /// SHA-256 of a DER SubjectPublicKeyInfo, lowercase hex.
@@ -746,6 +787,16 @@ pub(crate) fn kind_of_spki(spki: &[u8]) -> Option<KeyKind> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_with_control_characters_are_refused_and_printed_escaped() {
+        assert_eq!(printable("tls-2026 ✓"), "tls-2026 ✓");
+        assert_eq!(printable("a\u{1b}[2J\nb"), "a\\u{1b}[2J\\nb");
+        assert!(check_label("the label", "tls").is_ok());
+        let err = check_label("the label", "a\rb").unwrap_err();
+        assert!(err.contains("control character") && !err.contains('\r'), "{err}");
+        assert!(check_label("the label", "").unwrap_err().contains("empty"));
+    }
 
     #[test]
     fn parses_key_selectors() {

@@ -24,8 +24,8 @@ pub use keygen::{
     KEY_SPEC_FORMS,
 };
 pub use keys::{
-    find_key, find_key_on, list_keys, public_key_spki, spki_fingerprint, spki_of_certificate,
-    Curve, KeyKind, KeyObject, KeySelector, ObjectClassName,
+    check_label, find_key, find_key_on, list_keys, printable, public_key_spki, spki_fingerprint,
+    spki_of_certificate, Curve, KeyKind, KeyObject, KeySelector, ObjectClassName,
 };
 pub(crate) use keys::{kind_of_spki, read_key};
 pub(crate) use login::login_so_on;

@@ -11,8 +11,8 @@ use cryptoki::session::Session;
 use der::pem::LineEnding;
 use rustls_hsm::pkcs11::{
     destroy_key, destroy_unpaired, find_key_on, find_unpaired, generate_key_pair,
-    import_private_key, list_keys, BackupPolicy, Curve, Error, KeyKind, KeyObject, KeySelector,
-    KeySpec, Module, Pkcs11Uri, Token,
+    import_private_key, list_keys, printable, BackupPolicy, Curve, Error, KeyKind, KeyObject,
+    KeySelector, KeySpec, Module, Pkcs11Uri, Token,
 };
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -202,7 +202,7 @@ impl KeyEntry {
 }
 
 fn print_key(key: &KeyEntry) -> anyhow::Result<()> {
-    outln!("key `{}`", key.label);
+    outln!("key `{}`", printable(&key.label));
     outln!("  id:          {}", key.id);
     outln!("  type:        {}", key.key_type);
     outln!("  uri:         {}", key.uri);
@@ -256,6 +256,7 @@ fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
             Err(e) => Err(UnreadableKey::read(&session, unreadable.next(), e)),
         })
         .collect();
+    let lone_public = lone_public_keys(&session)?;
     if json {
         let entries: Vec<serde_json::Value> = entries
             .iter()
@@ -265,7 +266,10 @@ fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
             })
             .collect::<Result<_, _>>()
             .context("encoding JSON")?;
-        return print_json(&serde_json::json!({ "keys": entries }));
+        return print_json(&serde_json::json!({
+            "keys": entries,
+            "public_keys_without_private_key": lone_public,
+        }));
     }
     if entries.is_empty() {
         outln!("no private keys on token {}", token.describe());
@@ -276,7 +280,50 @@ fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
             Err(unreadable) => outln!("{unreadable}"),
         }
     }
+    for lone in &lone_public {
+        outln!(
+            "public key {:?} (id {}) has no private key (an interrupted restore or another \
+             tool left it); `rustls-hsm key delete` with its label removes it",
+            lone.label,
+            lone.id
+        );
+    }
     Ok(())
+}
+
+/// A public key object whose private half is not on the token, in `key list`.
+///
+/// In `key list --json` these appear under `public_keys_without_private_key`, each with
+/// `label` and `id` (lowercase hex).
+#[derive(Debug, Serialize)]
+struct LonePublicKey {
+    label: String,
+    id: String,
+}
+
+fn lone_public_keys(session: &Session) -> anyhow::Result<Vec<LonePublicKey>> {
+    let unpaired = find_unpaired(session, &KeySelector::default())?;
+    unpaired
+        .public
+        .iter()
+        .map(|&handle| {
+            let attrs = session
+                .get_attributes(handle, &[AttributeType::Label, AttributeType::Id])
+                .context("reading a public key's label and id")?;
+            let mut lone = LonePublicKey {
+                label: String::new(),
+                id: String::new(),
+            };
+            for attr in attrs {
+                match attr {
+                    Attribute::Label(v) => lone.label = String::from_utf8_lossy(&v).into_owned(),
+                    Attribute::Id(v) => lone.id = hex::encode(v),
+                    _ => {}
+                }
+            }
+            Ok(lone)
+        })
+        .collect()
 }
 
 /// The handles of the private keys that `list_keys` could not read, in its order.
