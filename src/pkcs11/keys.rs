@@ -794,8 +794,13 @@ mod tests {
         assert_eq!(printable("a\u{1b}[2J\nb"), "a\\u{1b}[2J\\nb");
         assert!(check_label("the label", "tls").is_ok());
         let err = check_label("the label", "a\rb").unwrap_err();
-        assert!(err.contains("control character") && !err.contains('\r'), "{err}");
-        assert!(check_label("the label", "").unwrap_err().contains("empty"));
+        assert!(
+            err.contains("control character") && !err.contains('\r'),
+            "{err}"
+        );
+        assert!(check_label("the label", "")
+            .unwrap_err()
+            .contains("empty"));
     }
 
     #[test]
