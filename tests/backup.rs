@@ -464,6 +464,25 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
             assert!(err.contains(expected), "verify, {case}: {err}");
         }
     }
+    // Whatever a forged file holds reaches the terminal escaped, and a time must be a time.
+    let escaped_field = text.replacen("\"created\"", "\"\\u001b[2Jcreated\"", 1);
+    let escaped_algorithm = text.replacen("\"sha-256\"", "\"\\u001b[2J\"", 1);
+    let mut not_a_time = Backup::parse(&text).unwrap();
+    not_a_time.created = "yesterday".into();
+    for (case, content, expected) in [
+        ("escape in a field name", escaped_field, "unknown field"),
+        (
+            "escape in a value",
+            escaped_algorithm,
+            "unknown integrity algorithm",
+        ),
+        ("not a time", not_a_time.to_json().unwrap(), "RFC 3339"),
+    ] {
+        let path = write(case, &content);
+        let err = fails(b.verify(&path, KEK));
+        assert!(err.contains(expected), "{case}: {err}");
+        assert!(!err.contains('\u{1b}'), "{case}: {err:?}");
+    }
     // A version of the wrong type is named as such, not as damaged JSON.
     let path = write(
         "string-version",
@@ -471,7 +490,14 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
     );
     let err = fails(b.verify(&path, KEK));
     assert!(err.contains("must be a whole number"), "{err}");
-    // A device or a directory is not read at all, a huge file not past the limit.
+    // A device, a FIFO or a directory is not read at all (a FIFO would wait for a writer), a
+    // huge file not past the limit.
+    let fifo = a.dir().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let huge = a.dir().join("huge");
     fs::File::create(&huge)
         .unwrap()
@@ -479,6 +505,7 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
         .unwrap();
     for (path, expected) in [
         (Path::new("/dev/zero"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
         (a.dir(), "not a regular file"),
         (huge.as_path(), "larger than"),
     ] {
@@ -514,6 +541,9 @@ fn a_public_key_carrying_the_kek_label_neither_blocks_nor_stands_in() {
     assert!(out.contains("is good"), "{out}");
     let err = fails(a.verify(&file, "decoy"));
     assert!(err.contains("usable without any PIN"), "{err}");
+    // Nor does it keep a real KEK from taking that label.
+    ok(a.cli_so(&["kek", "create", "--label", "decoy"]));
+    ok(a.backup("tls", "decoy", &a.dir().join("decoy.backup")));
 }
 
 #[test]

@@ -18,8 +18,8 @@ use vsss_rs::Gf256;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{
-    check_header, check_integrity, integrity_of, now_rfc3339, read_small_file, write_private_file,
-    Integrity, FORMAT_VERSION,
+    check_created, check_header, check_integrity, integrity_of, now_rfc3339, read_small_file,
+    write_private_file, Integrity, FORMAT_VERSION,
 };
 use super::kek::{check_kek_can_be_made, create_kek, CheckValue, KekObject, KEK_LEN};
 use super::Error;
@@ -72,11 +72,13 @@ impl std::fmt::Debug for ShareFile {
 impl ShareFile {
     /// Reads and checks a share file: format, version, integrity and fields.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let text = read_small_file(path)?;
-        Self::parse(&text).map_err(|reason| Error::Share {
+        let refuse = |reason: String| Error::Share {
             path: path.to_owned(),
-            reason,
-        })
+            // Values quoted from a forged file must not reach the terminal raw.
+            reason: pkcs11::printable(&reason).into_owned(),
+        };
+        let text = read_small_file(path, refuse)?;
+        Self::parse(&text).map_err(refuse)
     }
 
     fn parse(text: &str) -> Result<Self, String> {
@@ -86,6 +88,7 @@ impl ShareFile {
         check_integrity(&file.content, &file.integrity, SHARE_FORMAT_NAME)?;
         let c = &file.content;
         pkcs11::check_label("field `kek_label`", &c.kek_label)?;
+        check_created(&c.created)?;
         let share = Zeroizing::new(
             hex::decode(c.share.as_str()).map_err(|_| "field `share` is not hexadecimal")?,
         );

@@ -17,7 +17,9 @@ use sha2::{Digest, Sha256};
 use super::kek::CheckValue;
 use super::wrap::KeyWrap;
 use super::Error;
-use crate::pkcs11::{check_label, kind_of_spki, spki_fingerprint, BackupPolicy, KeyKind};
+use crate::pkcs11::{
+    check_label, kind_of_spki, printable, spki_fingerprint, BackupPolicy, KeyKind,
+};
 
 /// The backup format version this crate writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -58,11 +60,13 @@ impl Backup {
     /// A file of a newer format version is refused with a message saying so, before its
     /// content is looked at.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let text = read_small_file(path)?;
-        Self::parse(&text).map_err(|reason| Error::File {
+        let refuse = |reason: String| Error::File {
             path: path.to_owned(),
-            reason,
-        })
+            // Values quoted from a forged file must not reach the terminal raw.
+            reason: printable(&reason).into_owned(),
+        };
+        let text = read_small_file(path, refuse)?;
+        Self::parse(&text).map_err(refuse)
     }
 
     /// Parses and checks a backup document; the error says what is wrong.
@@ -187,20 +191,27 @@ pub(crate) const MAX_FILE_LEN: u64 = 1024 * 1024;
 ///
 /// A device, pipe or directory is refused before reading, and a larger file after reading one
 /// byte past the limit, so `--in /dev/zero` or a huge file cannot exhaust memory.
-pub(crate) fn read_small_file(path: &Path) -> Result<zeroize::Zeroizing<String>, Error> {
+pub(crate) fn read_small_file(
+    path: &Path,
+    refuse: impl Fn(String) -> Error,
+) -> Result<zeroize::Zeroizing<String>, Error> {
     use std::io::Read;
+    let not_regular =
+        || refuse("not a regular file; give the path of a backup or share file".into());
+    // Checked before opening too: opening a FIFO for reading waits for a writer.
+    if !fs::metadata(path)
+        .map_err(Error::io("read", path))?
+        .is_file()
+    {
+        return Err(not_regular());
+    }
     let file = fs::File::open(path).map_err(Error::io("read", path))?;
-    let meta = file
+    if !file
         .metadata()
-        .map_err(Error::io("read", path))?;
-    let refuse = |reason: String| Error::File {
-        path: path.to_owned(),
-        reason,
-    };
-    if !meta.is_file() {
-        return Err(refuse(
-            "not a regular file; give the path of a backup or share file".into(),
-        ));
+        .map_err(Error::io("read", path))?
+        .is_file()
+    {
+        return Err(not_regular());
     }
     let mut text = zeroize::Zeroizing::new(String::new());
     file.take(MAX_FILE_LEN + 1)
@@ -213,6 +224,19 @@ pub(crate) fn read_small_file(path: &Path) -> Result<zeroize::Zeroizing<String>,
         )));
     }
     Ok(text)
+}
+
+/// Checks that a file's `created` field is an RFC 3339 time, as written.
+pub(crate) fn check_created(created: &str) -> Result<(), String> {
+    time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+        .map(drop)
+        .map_err(|_| {
+            format!(
+                "field `created` is {:?}; it must be an RFC 3339 time such as \
+                 2026-12-03T17:22:15Z",
+                created
+            )
+        })
 }
 
 /// Checks `format` and `version` before anything else, so that a newer file says so.
@@ -389,12 +413,12 @@ impl Content {
         for (field, text) in [
             ("field `wrapping.kek_label`", &self.wrapping.kek_label),
             ("field `source_token`", &self.source_token),
-            ("field `created`", &self.created),
         ] {
             if text.chars().any(char::is_control) {
                 return Err(format!("{field} holds control characters"));
             }
         }
+        check_created(&self.created)?;
         Ok(Backup {
             label: self.key.label,
             id,

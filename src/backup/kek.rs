@@ -293,33 +293,12 @@ pub fn find_kek(
     label: &str,
     logged_in: bool,
 ) -> Result<KekObject, Error> {
-    let handles = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])
-        .map_err(pkcs11::Error::pkcs11("find key-encryption keys"))?;
+    let (private, public) = secret_keys_labelled(session, label)?;
     let not_found = |reason: String| Error::KekNotFound {
         label: label.to_owned(),
         token: token.describe(),
         reason,
     };
-    // A public secret key is usable without any PIN, so it is never a KEK, whoever made it: one
-    // carrying the label (anyone may create public objects) neither blocks nor stands in.
-    let mut private = Vec::new();
-    let mut public = 0;
-    for handle in handles {
-        let attrs = session
-            .get_attributes(handle, &[AttributeType::Private])
-            .map_err(pkcs11::Error::pkcs11(
-                "read a key-encryption key's CKA_PRIVATE",
-            ))?;
-        if matches!(attrs.as_slice(), [Attribute::Private(false)]) {
-            public += 1;
-        } else {
-            private.push(handle);
-        }
-    }
     if public > 0 {
         tracing::warn!(
             label,
@@ -346,6 +325,35 @@ pub fn find_kek(
             many.len()
         ))),
     }
+}
+
+/// The private secret keys labelled `label`, and how many public ones carry it too.
+///
+/// A public secret key is usable without any PIN, so it is never a KEK, whoever made it: one
+/// carrying the label (anyone may create public objects) neither blocks nor stands in.
+fn secret_keys_labelled(
+    session: &Session,
+    label: &str,
+) -> Result<(Vec<ObjectHandle>, usize), Error> {
+    let handles = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(pkcs11::Error::pkcs11("find key-encryption keys"))?;
+    let mut private = Vec::new();
+    let mut public = 0;
+    for handle in handles {
+        let attrs = session
+            .get_attributes(handle, &[AttributeType::Private])
+            .map_err(pkcs11::Error::pkcs11("read a secret key's CKA_PRIVATE"))?;
+        if matches!(attrs.as_slice(), [Attribute::Private(false)]) {
+            public += 1;
+        } else {
+            private.push(handle);
+        }
+    }
+    Ok((private, public))
 }
 
 /// Creates a KEK on the token: generated there (`value` = `None`) or imported from `value`.
@@ -476,14 +484,8 @@ fn logout(session: &Session) -> Result<(), Error> {
 
 fn refuse_existing(session: &Session, token: &Token, label: &str) -> Result<(), Error> {
     pkcs11::check_label("the KEK label", label).map_err(Error::Refused)?;
-    let found = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])
-        .map_err(pkcs11::Error::pkcs11(
-            "look for existing key-encryption keys",
-        ))?;
+    // A public secret key with the label is no KEK and is passed over by every lookup.
+    let (found, _public) = secret_keys_labelled(session, label)?;
     if found.is_empty() {
         Ok(())
     } else {

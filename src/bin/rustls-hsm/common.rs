@@ -202,5 +202,10 @@ pub(crate) fn error_chain(err: &anyhow::Error) -> String {
         }
         text.push_str(&part);
     }
-    text
+    // Errors quote labels and file contents; no control character but a line break reaches
+    // the terminal raw.
+    text.lines()
+        .map(|line| rustls_hsm::pkcs11::printable(line).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -277,7 +277,7 @@ fn list(module: &Module, login: &LoginArgs, json: bool) -> anyhow::Result<()> {
     for entry in &entries {
         match entry {
             Ok(key) => print_key(key)?,
-            Err(unreadable) => outln!("{unreadable}"),
+            Err(unreadable) => outln!("{}", printable(&unreadable.to_string())),
         }
     }
     for lone in &lone_public {
@@ -430,8 +430,8 @@ impl fmt::Display for UnreadableKey {
             f,
             "unreadable key `{}` (id {}, {}, handle {}): {}",
             self.label
-                .clone()
-                .unwrap_or_else(unknown),
+                .as_deref()
+                .map_or_else(unknown, |label| printable(label).into_owned()),
             self.id.clone().unwrap_or_else(unknown),
             self.ck_key_type
                 .clone()
