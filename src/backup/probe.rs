@@ -12,7 +12,7 @@ use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::Error;
-use crate::pkcs11::{Module, Token};
+use crate::pkcs11::{trial_aes_key, Module, Token};
 
 /// Refuses a token on which a sensitive, non-derivable key's value can be copied into a new key.
 ///
@@ -69,13 +69,10 @@ enum Outcome {
 
 /// Tries the route with a sensitive, non-derivable victim; every object made goes into `made`.
 fn try_concatenation(session: &Session, made: &mut Vec<ObjectHandle>) -> Outcome {
-    let victim = session.generate_key(
-        &Mechanism::AesKeyGen,
+    let victim = trial_aes_key(
+        session,
+        16,
         &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(false),
-            Attribute::ValueLen(16.into()),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Derive(false),

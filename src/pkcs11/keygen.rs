@@ -173,16 +173,10 @@ pub fn import_private_key(
 /// there the policy would let any holder of the user PIN wrap the key under a trusted key they
 /// can read. Tried with a throwaway session key, destroyed at once.
 fn refuse_user_trust(session: &Session, token_label: &str) -> Result<(), Error> {
-    let trial = session.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(false),
-            Attribute::ValueLen(16.into()),
-            Attribute::Wrap(true),
-            Attribute::Trusted(true),
-        ],
+    let trial = trial_aes_key(
+        session,
+        16,
+        &[Attribute::Wrap(true), Attribute::Trusted(true)],
     );
     let Ok(trusted) = trial else {
         return Ok(());
@@ -252,16 +246,7 @@ fn refuse_unwrappable_kind(
     else {
         return Ok(());
     };
-    let wrapping = session.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(false),
-            Attribute::ValueLen(32.into()),
-            Attribute::Wrap(true),
-        ],
-    );
+    let wrapping = trial_aes_key(session, 32, &[Attribute::Wrap(true)]);
     let refused = match wrapping {
         Ok(wrapping) => {
             let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, trial_private);
@@ -281,6 +266,23 @@ fn refuse_unwrappable_kind(
         )));
     }
     Ok(())
+}
+
+/// Generates a throwaway AES session key of `len` bytes with the `usage` attributes, for trying
+/// what a token allows; destroy it with [`destroy_trial`].
+pub(crate) fn trial_aes_key(
+    session: &Session,
+    len: u64,
+    usage: &[Attribute],
+) -> cryptoki::error::Result<ObjectHandle> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::ValueLen(len.into()),
+    ];
+    template.extend_from_slice(usage);
+    session.generate_key(&Mechanism::AesKeyGen, &template)
 }
 
 /// Destroys a throwaway session object; one that stays goes with its session.

@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use cryptoki::error::{Error as CkError, RvError};
 
 pub use destroy::{destroy_key, destroy_unpaired, find_unpaired, DestroyedKey, UnpairedObjects};
-pub(crate) use keygen::private_template;
 pub use keygen::{
     generate_key_pair, generate_session_key_pair, import_private_key, BackupPolicy, KeySpec,
     KEY_SPEC_FORMS,
 };
+pub(crate) use keygen::{private_template, trial_aes_key};
 pub use keys::{
     check_label, find_key, find_key_on, list_keys, printable, public_key_spki, spki_fingerprint,
     spki_of_certificate, Curve, KeyKind, KeyObject, KeySelector, ObjectClassName,
