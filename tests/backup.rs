@@ -180,6 +180,16 @@ fn backed_up_pair() -> Backed {
     Backed { a, b, file }
 }
 
+/// One HSM with a KEK of its own (`kek create`) and a backup of its key `tls`.
+fn backed_up_on_one_hsm() -> (Hsm, PathBuf) {
+    let a = Hsm::new("hsm-a");
+    ok(a.cli_so(&["kek", "create", "--label", KEK]));
+    a.generate("tls", "wrap-with-trusted");
+    let file = a.dir().join("tls.backup");
+    ok(a.backup("tls", KEK, &file));
+    (a, file)
+}
+
 fn mode(path: &Path) -> u32 {
     fs::metadata(path)
         .unwrap()
@@ -516,11 +526,7 @@ fn damaged_or_mismatched_backups_fail_and_leave_nothing_on_the_token() {
 
 #[test]
 fn a_public_key_carrying_the_kek_label_neither_blocks_nor_stands_in() {
-    let a = Hsm::new("hsm-a");
-    ok(a.cli_so(&["kek", "create", "--label", KEK]));
-    a.generate("tls", "wrap-with-trusted");
-    let file = a.dir().join("tls.backup");
-    ok(a.backup("tls", KEK, &file));
+    let (a, file) = backed_up_on_one_hsm();
     // Anyone may create a public object: here an AES key with the KEK's label, and another
     // under a label no KEK has.
     let value = a.dir().join("aes.bin");
@@ -548,11 +554,7 @@ fn a_public_key_carrying_the_kek_label_neither_blocks_nor_stands_in() {
 
 #[test]
 fn backup_verify_leaves_the_token_unchanged() {
-    let a = Hsm::new("hsm-a");
-    ok(a.cli_so(&["kek", "create", "--label", KEK]));
-    a.generate("tls", "wrap-with-trusted");
-    let file = a.dir().join("tls.backup");
-    ok(a.backup("tls", KEK, &file));
+    let (a, file) = backed_up_on_one_hsm();
 
     let before = a.object_count();
     assert_eq!(before, 3, "the KEK and the key pair");
@@ -584,12 +586,8 @@ fn one_share_short_of_the_threshold_cannot_import_the_kek() {
 
 #[test]
 fn a_lost_key_restores_on_the_same_hsm_locked_whatever_is_asked() {
-    let a = Hsm::new("hsm-a");
-    ok(a.cli_so(&["kek", "create", "--label", KEK]));
-    a.generate("tls", "wrap-with-trusted");
+    let (a, file) = backed_up_on_one_hsm();
     let spki = a.spki("tls");
-    let file = a.dir().join("tls.backup");
-    ok(a.backup("tls", KEK, &file));
     ok(a.cli(&["key", "delete", "tls", "--yes"]));
 
     // What a restore stopped between its two steps leaves: the public key object alone. A

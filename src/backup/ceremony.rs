@@ -74,8 +74,7 @@ impl ShareFile {
     pub fn read(path: &Path) -> Result<Self, Error> {
         let refuse = |reason: String| Error::Share {
             path: path.to_owned(),
-            // Values quoted from a forged file must not reach the terminal raw.
-            reason: pkcs11::printable(&reason).into_owned(),
+            reason,
         };
         let text = read_small_file(path, refuse)?;
         Self::parse(&text).map_err(refuse)

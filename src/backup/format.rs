@@ -17,9 +17,7 @@ use sha2::{Digest, Sha256};
 use super::kek::CheckValue;
 use super::wrap::KeyWrap;
 use super::Error;
-use crate::pkcs11::{
-    check_label, kind_of_spki, printable, spki_fingerprint, BackupPolicy, KeyKind,
-};
+use crate::pkcs11::{check_label, kind_of_spki, spki_fingerprint, BackupPolicy, KeyKind};
 
 /// The backup format version this crate writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -62,8 +60,7 @@ impl Backup {
     pub fn read(path: &Path) -> Result<Self, Error> {
         let refuse = |reason: String| Error::File {
             path: path.to_owned(),
-            // Values quoted from a forged file must not reach the terminal raw.
-            reason: printable(&reason).into_owned(),
+            reason,
         };
         let text = read_small_file(path, refuse)?;
         Self::parse(&text).map_err(refuse)

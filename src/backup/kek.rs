@@ -335,25 +335,16 @@ fn secret_keys_labelled(
     session: &Session,
     label: &str,
 ) -> Result<(Vec<ObjectHandle>, usize), Error> {
-    let handles = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])
-        .map_err(pkcs11::Error::pkcs11("find key-encryption keys"))?;
-    let mut private = Vec::new();
-    let mut public = 0;
-    for handle in handles {
-        let attrs = session
-            .get_attributes(handle, &[AttributeType::Private])
-            .map_err(pkcs11::Error::pkcs11("read a secret key's CKA_PRIVATE"))?;
-        if matches!(attrs.as_slice(), [Attribute::Private(false)]) {
-            public += 1;
-        } else {
-            private.push(handle);
-        }
-    }
-    Ok((private, public))
+    let find = |private: bool| {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Private(private),
+            ])
+            .map_err(pkcs11::Error::pkcs11("find key-encryption keys"))
+    };
+    Ok((find(true)?, find(false)?.len()))
 }
 
 /// Creates a KEK on the token: generated there (`value` = `None`) or imported from `value`.

@@ -84,9 +84,20 @@ fn destroy(session: &Session, handle: ObjectHandle, op: &'static str) -> Result<
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct UnpairedObjects {
     /// Private key objects with no public half.
-    pub private: Vec<ObjectHandle>,
+    pub private: Vec<UnpairedObject>,
     /// Public key objects with no private half.
-    pub public: Vec<ObjectHandle>,
+    pub public: Vec<UnpairedObject>,
+}
+
+/// One key object of [`UnpairedObjects`], with the label and id its partner was looked for by.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct UnpairedObject {
+    /// The object.
+    pub handle: ObjectHandle,
+    /// Its `CKA_LABEL`, empty if it has none.
+    pub label: String,
+    /// Its `CKA_ID`, empty if it has none.
+    pub id: Vec<u8>,
 }
 
 impl UnpairedObjects {
@@ -101,57 +112,75 @@ impl UnpairedObjects {
 /// A private key counts as unpaired when no public key object has its `CKA_ID` (or, without an
 /// id, its label); a public key, when no private key does.
 pub fn find_unpaired(session: &Session, selector: &KeySelector) -> Result<UnpairedObjects, Error> {
-    let find = |template: &[Attribute]| {
-        session
-            .find_objects(template)
-            .map_err(Error::pkcs11("find key objects"))
-    };
-    let partner_exists = |handle: ObjectHandle, partner: ObjectClass| -> Result<bool, Error> {
-        let attrs = session
-            .get_attributes(handle, &[AttributeType::Id, AttributeType::Label])
-            .map_err(Error::pkcs11("read a key object's id and label"))?;
-        let mut template = vec![Attribute::Class(partner)];
-        for attr in attrs {
-            match attr {
-                Attribute::Id(id) if !id.is_empty() => {
-                    template.push(Attribute::Id(id));
-                    break;
-                }
-                Attribute::Label(label) if template.len() == 1 => {
-                    template.push(Attribute::Label(label));
-                }
-                _ => {}
-            }
-        }
-        Ok(!find(&template)?.is_empty())
-    };
     let mut found = UnpairedObjects::default();
-    for handle in find(&selector.template(ObjectClass::PRIVATE_KEY))? {
-        if !partner_exists(handle, ObjectClass::PUBLIC_KEY)? {
-            found.private.push(handle);
-        }
+    for handle in find(session, &selector.template(ObjectClass::PRIVATE_KEY))? {
+        found
+            .private
+            .extend(unpaired(session, handle, ObjectClass::PUBLIC_KEY)?);
     }
-    for handle in find(&selector.template(ObjectClass::PUBLIC_KEY))? {
-        if !partner_exists(handle, ObjectClass::PRIVATE_KEY)? {
-            found.public.push(handle);
-        }
+    for handle in find(session, &selector.template(ObjectClass::PUBLIC_KEY))? {
+        found
+            .public
+            .extend(unpaired(session, handle, ObjectClass::PRIVATE_KEY)?);
     }
     Ok(found)
 }
 
+fn find(session: &Session, template: &[Attribute]) -> Result<Vec<ObjectHandle>, Error> {
+    session
+        .find_objects(template)
+        .map_err(Error::pkcs11("find key objects"))
+}
+
+/// The key object with its label and id, if no object of class `partner` has its id (or,
+/// without an id, its label).
+fn unpaired(
+    session: &Session,
+    handle: ObjectHandle,
+    partner: ObjectClass,
+) -> Result<Option<UnpairedObject>, Error> {
+    let attrs = session
+        .get_attributes(handle, &[AttributeType::Id, AttributeType::Label])
+        .map_err(Error::pkcs11("read a key object's id and label"))?;
+    let (mut id, mut label) = (Vec::new(), None);
+    for attr in attrs {
+        match attr {
+            Attribute::Id(bytes) => id = bytes,
+            Attribute::Label(bytes) => label = Some(bytes),
+            _ => {}
+        }
+    }
+    let mut template = vec![Attribute::Class(partner)];
+    if !id.is_empty() {
+        template.push(Attribute::Id(id.clone()));
+    } else if let Some(bytes) = &label {
+        template.push(Attribute::Label(bytes.clone()));
+    }
+    if !find(session, &template)?.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(UnpairedObject {
+        handle,
+        label: label.map_or_else(String::new, |bytes| {
+            String::from_utf8_lossy(&bytes).into_owned()
+        }),
+        id,
+    }))
+}
+
 /// Destroys the objects [`find_unpaired`] found; private keys first.
 pub fn destroy_unpaired(session: &Session, objects: &UnpairedObjects) -> Result<(), Error> {
-    for handle in &objects.private {
+    for object in &objects.private {
         destroy(
             session,
-            *handle,
+            object.handle,
             "destroy a private key without a public half",
         )?;
     }
-    for handle in &objects.public {
+    for object in &objects.public {
         destroy(
             session,
-            *handle,
+            object.handle,
             "destroy a public key without a private half",
         )?;
     }

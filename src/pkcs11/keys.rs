@@ -290,21 +290,18 @@ impl KeyObject {
 /// Labels made by other tools, or restored from a forged backup before labels were checked,
 /// could otherwise rewrite the operator's terminal.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .flat_map(|c| {
-                let escaped: Vec<char> = if c.is_control() {
-                    c.escape_default().collect()
-                } else {
-                    vec![c]
-                };
-                escaped
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
+    if !text.chars().any(char::is_control) {
+        return text.into();
     }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
 }
 
 /// Refuses a label that is empty or holds control characters.

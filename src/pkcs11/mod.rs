@@ -17,7 +17,9 @@ use std::path::PathBuf;
 
 use cryptoki::error::{Error as CkError, RvError};
 
-pub use destroy::{destroy_key, destroy_unpaired, find_unpaired, DestroyedKey, UnpairedObjects};
+pub use destroy::{
+    destroy_key, destroy_unpaired, find_unpaired, DestroyedKey, UnpairedObject, UnpairedObjects,
+};
 pub use keygen::{
     generate_key_pair, generate_session_key_pair, import_private_key, BackupPolicy, KeySpec,
     KEY_SPEC_FORMS,

@@ -303,27 +303,14 @@ struct LonePublicKey {
 
 fn lone_public_keys(session: &Session) -> anyhow::Result<Vec<LonePublicKey>> {
     let unpaired = find_unpaired(session, &KeySelector::default())?;
-    unpaired
+    Ok(unpaired
         .public
-        .iter()
-        .map(|&handle| {
-            let attrs = session
-                .get_attributes(handle, &[AttributeType::Label, AttributeType::Id])
-                .context("reading a public key's label and id")?;
-            let mut lone = LonePublicKey {
-                label: String::new(),
-                id: String::new(),
-            };
-            for attr in attrs {
-                match attr {
-                    Attribute::Label(v) => lone.label = String::from_utf8_lossy(&v).into_owned(),
-                    Attribute::Id(v) => lone.id = hex::encode(v),
-                    _ => {}
-                }
-            }
-            Ok(lone)
+        .into_iter()
+        .map(|object| LonePublicKey {
+            label: object.label,
+            id: hex::encode(object.id),
         })
-        .collect()
+        .collect())
 }
 
 /// The handles of the private keys that `list_keys` could not read, in its order.
@@ -430,8 +417,8 @@ impl fmt::Display for UnreadableKey {
             f,
             "unreadable key `{}` (id {}, {}, handle {}): {}",
             self.label
-                .as_deref()
-                .map_or_else(unknown, |label| printable(label).into_owned()),
+                .clone()
+                .unwrap_or_else(unknown),
             self.id.clone().unwrap_or_else(unknown),
             self.ck_key_type
                 .clone()
