@@ -122,6 +122,10 @@ impl Module {
     /// session and object handle of the old generation becomes invalid; callers must find their
     /// keys again. If `seen_generation` is older than the current one another caller already
     /// reloaded, and nothing is done. A module we did not initialise is not finalized.
+    ///
+    /// No other thread may be inside the module meanwhile: `C_Finalize` during another call is
+    /// undefined behaviour. A token pool drains its sessions, and waits for any it is still
+    /// opening, before it calls this.
     pub fn reinitialize(&self, seen_generation: u64) -> Result<(), Error> {
         let _guard = self
             .inner

@@ -23,8 +23,8 @@ use crate::pkcs11::{rv_of, rv_text};
 pub(crate) struct SessionManager {
     pub(crate) ctx: Pkcs11,
     pub(crate) slot: Slot,
-    /// Sessions opened and not yet closed, so that the pool can wait for r2d2's threads to
-    /// close them all before the module is finalized.
+    /// Sessions being opened or open and not yet closed, so that the pool can wait for r2d2's
+    /// threads to finish with them all before the module is finalized.
     pub(crate) open: Arc<AtomicUsize>,
     /// Set when the token said it has no more sessions to give.
     pub(crate) session_count_hit: Arc<AtomicBool>,
@@ -85,7 +85,7 @@ impl Drop for PooledSession {
     fn drop(&mut self) {
         // Closes the session (C_CloseSession), then counts it closed.
         drop(self.session.take());
-        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -99,22 +99,25 @@ impl r2d2::ManageConnection for SessionManager {
     type Error = SessionError;
 
     fn connect(&self) -> Result<PooledSession, SessionError> {
-        if self.closing.load(Ordering::Acquire) {
+        // Counted before the closing check and before C_OpenSession, so that a reload draining
+        // this pool waits for an open still under way on an r2d2 thread: C_Finalize while
+        // another thread is inside the module is undefined behaviour (SoftHSM crashes).
+        self.open.fetch_add(1, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.open.fetch_sub(1, Ordering::SeqCst);
             return Err(SessionError(CkError::Pkcs11(
                 RvError::CryptokiNotInitialized,
                 cryptoki::context::Function::OpenSession,
             )));
         }
         match self.ctx.open_rw_session(self.slot) {
-            Ok(session) => {
-                self.open.fetch_add(1, Ordering::AcqRel);
-                Ok(PooledSession {
-                    session: Some(session),
-                    broken: false,
-                    open: self.open.clone(),
-                })
-            }
+            Ok(session) => Ok(PooledSession {
+                session: Some(session),
+                broken: false,
+                open: self.open.clone(),
+            }),
             Err(e) => {
+                self.open.fetch_sub(1, Ordering::SeqCst);
                 if rv_of(&e) == Some(RvError::SessionCount) {
                     self.session_count_hit
                         .store(true, Ordering::Release);

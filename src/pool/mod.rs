@@ -711,7 +711,7 @@ fn e_rv(e: &Error) -> Option<RvError> {
 /// sessions.
 fn drain(live: Arc<Live>) {
     live.closing
-        .store(true, Ordering::Release);
+        .store(true, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
     while (live.in_flight.load(Ordering::Acquire) > 0 || Arc::strong_count(&live) > 1)
         && Instant::now() < deadline
@@ -728,10 +728,10 @@ fn drain(live: Arc<Live>) {
     // Dropping the pool closes its idle sessions, here or on an r2d2 thread still finishing a
     // job.
     drop(live);
-    while open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+    while open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(1));
     }
-    if open.load(Ordering::Acquire) > 0 {
+    if open.load(Ordering::SeqCst) > 0 {
         warn!(token = %label, "pooled sessions still open after 5 s");
     }
 }
